@@ -7,6 +7,7 @@ profile passes SASL/SSL settings straight to aiokafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -50,8 +51,8 @@ def client_kwargs(settings: Settings) -> dict:
     return kwargs
 
 
-def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
-    """A producer that waits for all in-sync replicas (acks=all) before a send counts."""
+def producer_kwargs(settings: Settings) -> dict:
+    """Producer arguments: wait for all in-sync replicas (acks=all) before a send counts."""
     kwargs = client_kwargs(settings) | {
         "acks": "all",
         "max_request_size": settings.kafka_max_message_bytes,
@@ -59,11 +60,11 @@ def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
     }
     if settings.embedded:
         kwargs |= tansu.producer_overrides()
-    return AIOKafkaProducer(**(kwargs | overrides))
+    return kwargs
 
 
-def make_consumer(settings: Settings, *topics: str, group_id: str | None, **overrides) -> AIOKafkaConsumer:
-    """A consumer with manual commits: services commit only after their results are published."""
+def consumer_kwargs(settings: Settings, group_id: str | None) -> dict:
+    """Consumer arguments, with manual commits: services commit only after their results are published."""
     kwargs = client_kwargs(settings) | {
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -73,9 +74,16 @@ def make_consumer(settings: Settings, *topics: str, group_id: str | None, **over
     }
     if settings.embedded:
         kwargs |= tansu.consumer_overrides()
-        kwargs["request_timeout_ms"] = max(kwargs["request_timeout_ms"],
-                                           tansu.consumer_overrides()["request_timeout_ms"])
-    return AIOKafkaConsumer(*(settings.topic(t) for t in topics), **(kwargs | overrides))
+    return kwargs
+
+
+def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
+    return AIOKafkaProducer(**(producer_kwargs(settings) | overrides))
+
+
+def make_consumer(settings: Settings, *topics: str, group_id: str | None, **overrides) -> AIOKafkaConsumer:
+    """A consumer of the given topic names (without prefix)."""
+    return AIOKafkaConsumer(*(settings.topic(t) for t in topics), **(consumer_kwargs(settings, group_id) | overrides))
 
 
 def unavailable(settings: Settings, exc: BaseException) -> KafkaUnavailable:
@@ -97,10 +105,8 @@ async def start_client(settings: Settings, client, timeout_s: float = 15.0):
 
 async def _close_quietly(client) -> None:
     closer = getattr(client, "stop", None) or getattr(client, "close", None)
-    try:
+    with contextlib.suppress(Exception):  # best effort on a client that never started
         await closer()
-    except Exception:  # noqa: BLE001 - best effort on a client that never started
-        pass
 
 
 async def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> dict[str, str]:

@@ -1,0 +1,248 @@
+"""The `lineguard` command line. Each command imports its room lazily, so `--help` is fast.
+
+Errors that a user can fix (a bad setting, a missing path, an unreachable broker) print one
+line, `error: ...`, and exit non-zero; they never dump a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="lineguard: streaming factory-line inspection.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+topics_app = typer.Typer(help="Manage Kafka topics.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ingest.sources import SourceError
+
+    from deploy.stack import StackError
+    from ingest.publisher import DeliveryFailed, FrameTooLarge
+    from lineguard.kafka import KafkaUnavailable
+
+    return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable)
+
+
+def cli_command(func):
+    """Turn the errors a user can act on into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from lineguard.settings import ConfigError
+
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_CONFIG) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(EXIT_ERROR) from None
+            raise
+
+    return wrapper
+
+
+def _settings(**overrides):
+    from lineguard.logging import configure
+    from lineguard.settings import load_settings
+
+    configure()
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops a long-running command the same clean way Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+@cli_command
+def up(
+    kafka_port: int = typer.Option(None, help="Broker port (0 = free port). Env: LINEGUARD_EMBEDDED_KAFKA_PORT."),
+    influx_port: int = typer.Option(None, help="influxd port (0 = free port). Env: LINEGUARD_EMBEDDED_INFLUX_PORT."),
+    no_influx: bool = typer.Option(False, "--no-influx", help="Start only the broker."),
+) -> None:
+    """Start the embedded local stack (Tansu broker + influxd), create the topics, run until Ctrl-C."""
+    from deploy.stack import EmbeddedStack
+
+    settings = _settings(embedded_kafka_port=kafka_port, embedded_influx_port=influx_port)
+    if not settings.embedded:
+        raise typer.BadParameter("`lineguard up` runs the embedded profile; unset LINEGUARD_PROFILE=production")
+    stack = EmbeddedStack(settings, with_influx=not no_influx)
+    with _sigterm_as_interrupt():
+        try:
+            stack.start()
+            typer.echo(f"kafka  {stack.kafka_bootstrap}\ninflux {stack.influx_url if not no_influx else '-'}\n"
+                       f"state  {stack.state_dir}\nCtrl-C to stop.", err=True)
+            while not stack.dead_children():
+                time.sleep(0.5)
+            raise SystemExit(f"error: embedded server(s) exited: {', '.join(stack.dead_children())}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stack.stop()
+
+
+@app.command()
+@cli_command
+def ingest(
+    source: str = typer.Argument(..., help="Image folder (MVTec layout understood), image file, video file, "
+                                           "camera index, stream URL (rtsp://...), or 'simulator'."),
+    product: str = typer.Option(None, help="Product name (default: from the folder name, or the simulator's)."),
+    rate: float = typer.Option(None, help="Frames per second over all cameras (default: as fast as possible)."),
+    cameras: int = typer.Option(1, min=1, help="Deal frames round-robin to N cameras (the Kafka key)."),
+    limit: int = typer.Option(None, min=1, help="Stop after this many frames."),
+    loop: bool = typer.Option(False, help="Start the source again when it ends (folders, video files)."),
+    jpeg_quality: int = typer.Option(None, min=1, max=100, help="JPEG quality (env LINEGUARD_JPEG_QUALITY)."),
+    max_side: int = typer.Option(None, min=16, help="Downscale so the longer side is at most this."),
+    line_id: str = typer.Option(None, help="Production line id (env LINEGUARD_LINE_ID)."),
+    defect_rate: float = typer.Option(0.2, min=0.0, max=1.0, help="Simulator: share of defective parts."),
+    seed: int = typer.Option(0, help="Simulator: random seed."),
+    size: int = typer.Option(256, min=32, help="Simulator: frame size in px."),
+) -> None:
+    """Publish camera frames to the frames topic."""
+    from ingest.sources import open_source
+
+    from ingest.publisher import publish
+
+    settings = _settings(jpeg_quality=jpeg_quality, line_id=line_id)
+    frame_source = open_source(source, product, defect_rate=defect_rate, seed=seed, size=size)
+    with _sigterm_as_interrupt():
+        try:
+            report = asyncio.run(publish(frame_source, settings, rate=rate, cameras=cameras, limit=limit,
+                                         loop=loop, max_side=max_side))
+        except KeyboardInterrupt:
+            return
+    for path, reason in report.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    typer.echo(f"published {report.published} frame(s) in {report.seconds:.1f} s "
+               f"({report.fps:.1f} frames/s); skipped {len(report.skipped)} bad input(s)", err=True)
+    if report.published == 0 and report.skipped:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+@cli_command
+def monitor(
+    seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+    from_beginning: bool = typer.Option(False, help="Replay the topic from its start."),
+) -> None:
+    """Show frames arriving on the frames topic, live."""
+    from ingest.monitor import watch_frames
+
+    settings = _settings()
+    with _sigterm_as_interrupt(), contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(watch_frames(settings, seconds=seconds, from_beginning=from_beginning))
+
+
+@app.command()
+@cli_command
+def demo(
+    rate: float = typer.Option(8.0, help="Simulated frames per second."),
+    cameras: int = typer.Option(2, min=1, help="Simulated cameras."),
+    defect_rate: float = typer.Option(0.15, min=0.0, max=1.0, help="Share of defective parts."),
+    seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+) -> None:
+    """Start the embedded stack and run a simulated line into Kafka with a live console view."""
+    from ingest.sources import open_source
+
+    from deploy.stack import EmbeddedStack
+    from ingest.monitor import watch_frames
+    from ingest.publisher import publish
+
+    settings = _settings()
+    stack = EmbeddedStack(settings)
+    with _sigterm_as_interrupt():
+        try:
+            stack.start()
+            settings = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
+                                                   "influx_url": stack.influx_url})
+            typer.echo(f"embedded stack up: kafka {stack.kafka_bootstrap}, influx {stack.influx_url}, "
+                       f"state {stack.state_dir}", err=True)
+
+            async def main() -> None:
+                view = asyncio.create_task(watch_frames(settings, seconds=seconds))
+                await asyncio.sleep(0.5)  # let the view join before the first frame
+                line = asyncio.create_task(publish(open_source("simulator", defect_rate=defect_rate), settings,
+                                                   rate=rate, cameras=cameras))
+                try:
+                    await view
+                finally:
+                    line.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await line
+
+            asyncio.run(main())
+        except KeyboardInterrupt:
+            typer.echo("stopping…", err=True)
+        finally:
+            stack.stop()
+
+
+@topics_app.command("create")
+@cli_command
+def topics_create() -> None:
+    """Create every lineguard topic with its partition count and configs (harmless when they exist)."""
+    from lineguard.kafka import ensure_topics
+
+    outcome = asyncio.run(ensure_topics(_settings()))
+    for name, state in outcome.items():
+        typer.echo(f"{name}: {state}")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """Print the topic table: name, partitions, key, description."""
+    from lineguard.settings import load_settings
+    from lineguard.topics import TOPICS
+
+    settings = load_settings()
+    for topic in TOPICS:
+        typer.echo(f"{settings.topic(topic.name)}\t{topic.partitions}\tkey={topic.key}\t{topic.description}")
+
+
+@app.command()
+def schema(out: Path = typer.Option(None, help="Write one <Model>.schema.json per contract into this folder "
+                                               "(default: print all as one JSON object).")) -> None:
+    """Write the JSON Schemas of the event contracts."""
+    from lineguard.events import dumps_schema, json_schemas
+
+    schemas = json_schemas()
+    if out is None:
+        json.dump(schemas, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name in schemas:
+        (out / f"{name}.schema.json").write_text(dumps_schema(name))
+    typer.echo(f"wrote {len(schemas)} schemas to {out}", err=True)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,96 @@
+"""`lineguard up` starts and stops every server it started; influxd answers real queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from deploy.stack import pid_alive
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _children_of(pid: int) -> set[int]:
+    """Every live process whose parent chain leads to pid (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_up_starts_and_stops_every_process(tmp_path, stop_signal):
+    env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_EMBEDDED_KAFKA_PORT": "0",
+                              "LINEGUARD_EMBEDDED_INFLUX_PORT": "0"}
+    env.pop("LINEGUARD_KAFKA_BOOTSTRAP", None)
+    process = subprocess.Popen([sys.executable, "-m", "lineguard", "up"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stack_file = tmp_path / "stack.json"
+        info = _wait_for(lambda: stack_file.exists() and json.loads(stack_file.read_text()), 60, "stack.json")
+        pids = info["pids"]
+        assert set(pids) == {"tansu", "influxd"}
+        # topics exist: lineguard topics create against it reports them as existing
+        created = subprocess.run([sys.executable, "-m", "lineguard", "topics", "create"], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stderr
+        assert "lineguard.frames: exists" in created.stdout
+        with urllib.request.urlopen(f"{info['influx_url']}/ping", timeout=5) as response:
+            assert response.status == 204
+        descendants = _children_of(process.pid)
+        assert set(pids.values()) <= descendants
+        process.send_signal(stop_signal)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, process.stderr.read()
+    leftover = [pid for pid in descendants if pid_alive(pid)]
+    assert leftover == [], f"processes left behind: {leftover}"
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_influxd_of_the_stack_accepts_writes_and_queries(stack):
+    database = stack.settings.influx_database
+    body = b"probe,line=line-1 frames=3i,defects=1i 1700000000000000000\n"
+    request = urllib.request.Request(f"{stack.influx_url}/write?db={database}", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 204
+    query = urllib.parse.urlencode({"db": database, "q": "SELECT sum(frames), sum(defects) FROM probe"})
+    with urllib.request.urlopen(f"{stack.influx_url}/query?{query}", timeout=10) as response:
+        result = json.loads(response.read())
+    assert result["results"][0]["series"][0]["values"][0][1:] == [3, 1]
+
+
+def test_second_stack_on_same_state_dir_is_refused(stack):
+    from deploy.stack import EmbeddedStack, StackError
+
+    with pytest.raises(StackError, match="already running"):
+        EmbeddedStack(stack.settings).start()
