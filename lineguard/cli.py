@@ -27,10 +27,9 @@ EXIT_CONFIG = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ingest.sources import SourceError
-
     from deploy.stack import StackError
     from ingest.publisher import DeliveryFailed, FrameTooLarge
+    from ingest.sources import SourceError
     from lineguard.kafka import KafkaUnavailable
 
     return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable)
@@ -127,9 +126,8 @@ def ingest(
     size: int = typer.Option(256, min=32, help="Simulator: frame size in px."),
 ) -> None:
     """Publish camera frames to the frames topic."""
-    from ingest.sources import open_source
-
     from ingest.publisher import publish
+    from ingest.sources import open_source
 
     settings = _settings(jpeg_quality=jpeg_quality, line_id=line_id)
     frame_source = open_source(source, product, defect_rate=defect_rate, seed=seed, size=size)
@@ -170,21 +168,23 @@ def demo(
     seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
 ) -> None:
     """Start the embedded stack and run a simulated line into Kafka with a live console view."""
-    from ingest.sources import open_source
-
-    from deploy.stack import EmbeddedStack
+    from deploy.stack import EmbeddedStack, running_stack
     from ingest.monitor import watch_frames
     from ingest.publisher import publish
+    from ingest.sources import open_source
 
     settings = _settings()
-    stack = EmbeddedStack(settings)
+    running = running_stack(settings)
+    stack = None if running else EmbeddedStack(settings)
     with _sigterm_as_interrupt():
         try:
-            stack.start()
-            settings = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
-                                                   "influx_url": stack.influx_url})
-            typer.echo(f"embedded stack up: kafka {stack.kafka_bootstrap}, influx {stack.influx_url}, "
-                       f"state {stack.state_dir}", err=True)
+            if stack is not None:
+                stack.start()
+                running = {"kafka_bootstrap": stack.kafka_bootstrap, "influx_url": stack.influx_url}
+            settings = settings.model_copy(update={"kafka_bootstrap": running["kafka_bootstrap"],
+                                                   "influx_url": running["influx_url"]})
+            typer.echo(f"embedded stack {'up' if stack else 'already running'}: kafka {settings.bootstrap}, "
+                       f"influx {settings.influx}, state {settings.state_dir.resolve()}", err=True)
 
             async def main() -> None:
                 view = asyncio.create_task(watch_frames(settings, seconds=seconds))
@@ -202,7 +202,8 @@ def demo(
         except KeyboardInterrupt:
             typer.echo("stopping…", err=True)
         finally:
-            stack.stop()
+            if stack is not None:
+                stack.stop()
 
 
 @topics_app.command("create")

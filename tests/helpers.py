@@ -10,7 +10,7 @@ from lineguard.kafka import make_consumer, start_client
 
 async def read_topic(settings, topic: str, *, expect: int | None = None, idle_s: float = 2.0,
                      timeout_s: float = 60.0) -> list:
-    """All records of `topic` from the beginning, in per-partition order.
+    """All records of `topic` (a name without the prefix) from the beginning, in per-partition order.
 
     Stops when `expect` records arrived and nothing more came for `idle_s`, or after `timeout_s`.
     """

@@ -10,10 +10,10 @@ from collections import defaultdict
 import cv2
 import numpy as np
 import pytest
-from ingest.sources import SourceFrame, open_source
 
 from ingest.publisher import FrameTooLarge, publish
 from ingest.simulator import PRODUCTS
+from ingest.sources import SourceFrame, open_source
 from lineguard.events import decode_frame
 from lineguard.kafka import KafkaUnavailable, ensure_topics
 from lineguard.settings import load_settings
@@ -29,7 +29,7 @@ def test_produce_n_simulated_frames_consume_exactly_n(settings):
     assert report.published == n and report.failed == 0
     assert report.per_camera == {"cam-0": 12, "cam-1": 12, "cam-2": 12}
 
-    records = read_topic_sync(settings, settings.topic(FRAMES), expect=n)
+    records = read_topic_sync(settings, FRAMES, expect=n)
     assert len(records) == n
     frame_ids = set()
     defects = 0
@@ -54,7 +54,7 @@ def test_produce_n_simulated_frames_consume_exactly_n(settings):
 def test_order_holds_per_camera(settings):
     n = 60
     asyncio.run(publish(open_source("simulator", seed=1), settings, cameras=4, limit=n))
-    records = read_topic_sync(settings, settings.topic(FRAMES), expect=n)
+    records = read_topic_sync(settings, FRAMES, expect=n)
     assert len(records) == n
     partitions_of = defaultdict(set)
     seqs_of = defaultdict(list)
@@ -125,7 +125,7 @@ def test_cli_folder_with_corrupt_jpeg_skips_and_counts(tmp_path, cli_env, settin
     assert result.returncode == 0, result.stderr
     assert "corrupt.jpg" in result.stderr
     assert "published 3 frame(s)" in result.stderr and "skipped 1 bad input(s)" in result.stderr
-    records = read_topic_sync(settings, settings.topic(FRAMES), expect=3)
+    records = read_topic_sync(settings, FRAMES, expect=3)
     metas = [decode_frame(r.value, r.headers)[0] for r in records]
     assert sorted(m.product for m in metas) == ["widget"] * 3
     assert {(m.width, m.height) for m in metas} == {(80, 64)}
@@ -158,7 +158,7 @@ def test_cli_simulator_with_rate_and_cameras(cli_env, settings):
     result = run_cli(["ingest", "simulator", "--limit", "10", "--rate", "20", "--cameras", "2"], env)
     assert result.returncode == 0, result.stderr
     assert "published 10 frame(s)" in result.stderr
-    records = read_topic_sync(settings, settings.topic(FRAMES), expect=10)
+    records = read_topic_sync(settings, FRAMES, expect=10)
     assert len(records) == 10
     metas = sorted((decode_frame(r.value, r.headers)[0] for r in records), key=lambda m: m.captured_at)
     span = (metas[-1].captured_at - metas[0].captured_at).total_seconds()

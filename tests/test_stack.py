@@ -94,3 +94,17 @@ def test_second_stack_on_same_state_dir_is_refused(stack):
 
     with pytest.raises(StackError, match="already running"):
         EmbeddedStack(stack.settings).start()
+
+
+def test_demo_shows_frames_flowing_and_stops_cleanly(tmp_path):
+    env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_EMBEDDED_KAFKA_PORT": "0",
+                              "LINEGUARD_EMBEDDED_INFLUX_PORT": "0", "COLUMNS": "160"}
+    env.pop("LINEGUARD_KAFKA_BOOTSTRAP", None)
+    result = subprocess.run([sys.executable, "-m", "lineguard", "demo", "--seconds", "6", "--rate", "10"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("frames ")][-1]
+    frames = int(summary.split()[1])
+    assert frames >= 20, summary
+    assert "cam-0" in result.stdout and "cam-1" in result.stdout
+    assert not (tmp_path / "stack.json").exists()
