@@ -21,6 +21,8 @@ app = typer.Typer(help="lineguard: streaming factory-line inspection.", no_args_
                   pretty_exceptions_enable=False, add_completion=False)
 topics_app = typer.Typer(help="Manage Kafka topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+refs_app = typer.Typer(help="Normal reference images per product (the few-shot memory).", no_args_is_help=True)
+app.add_typer(refs_app, name="refs")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -28,11 +30,12 @@ EXIT_CONFIG = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deploy.stack import StackError
+    from inference.references import ReferenceError
     from ingest.publisher import DeliveryFailed, FrameTooLarge
     from ingest.sources import SourceError
     from lineguard.kafka import KafkaUnavailable
 
-    return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable)
+    return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable, ReferenceError)
 
 
 def cli_command(func):
@@ -204,6 +207,85 @@ def demo(
         finally:
             if stack is not None:
                 stack.stop()
+
+
+@app.command()
+@cli_command
+def infer(
+    max_batch: int = typer.Option(16, min=1, help="Most frames per model batch."),
+    max_wait_ms: int = typer.Option(50, min=0, help="Longest wait for a batch to fill after its first frame."),
+    encoder: str = typer.Option(None, help="Image encoder (default efficientnet-lite0; see inference/model)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    http_port: int = typer.Option(9102, help="Port of /healthz and /metrics (-1 = off)."),
+    text: bool = typer.Option(True, help="Attach the LVLM's answer to flagged verdicts."),
+    group_id: str = typer.Option("lineguard-inference", help="Kafka consumer group of the workers."),
+) -> None:
+    """Consume frames, score them in dynamic batches, publish a Verdict and a Heatmap for each."""
+    from inference.scorer import build_scorer
+    from inference.worker import InferenceWorker, WorkerConfig
+
+    settings = _settings()
+    scorer = build_scorer(encoder=encoder, device=device, text=text)
+    config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
+                          http_port=None if http_port < 0 else http_port)
+    worker = InferenceWorker(settings, scorer, config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, worker.stop)
+        await worker.run()
+
+    asyncio.run(main())
+
+
+@refs_app.command("add")
+@cli_command
+def refs_add(
+    images: list[Path] = typer.Argument(..., help="Normal (good) images of the product."),
+    product: str = typer.Option(..., help="Product name, as in FrameMeta.product."),
+) -> None:
+    """Register normal reference images for a product; running workers reload it."""
+    from inference.references import ReferenceStore
+    from lineguard.events import ModelUpdate
+    from lineguard.kafka import KafkaUnavailable, make_producer, start_client
+    from lineguard.topics import MODEL_UPDATES
+
+    settings = _settings()
+    store = ReferenceStore(settings.state_dir)
+    added = store.add(product, list(images))
+    total = len(store.manifest(product))
+    typer.echo(f"{product}: added {len(added)} reference image(s), {total} in all ({store.root / product})")
+
+    async def notify() -> None:
+        producer = await start_client(settings, make_producer(settings), timeout_s=10)
+        try:
+            update = ModelUpdate(kind="references_changed", product=product, detail={"count": str(total)})
+            await producer.send_and_wait(settings.topic(MODEL_UPDATES), update.to_bytes(), key=product.encode())
+        finally:
+            await producer.stop()
+
+    try:
+        asyncio.run(notify())
+    except KafkaUnavailable as exc:
+        typer.echo(f"warning: stored, but running workers were not notified: {exc}", err=True)
+
+
+@refs_app.command("list")
+@cli_command
+def refs_list() -> None:
+    """List the products and their reference images."""
+    from inference.references import ReferenceStore
+
+    store = ReferenceStore(_settings().state_dir)
+    products = store.products()
+    if not products:
+        typer.echo("no references: add some with `lineguard refs add --product NAME IMAGES...`")
+    for product in products:
+        entries = store.manifest(product)
+        typer.echo(f"{product}\t{len(entries)} image(s)")
+        for entry in entries:
+            typer.echo(f"  {entry.file}\t{entry.width}x{entry.height}\t{entry.added_at}\t{entry.source}")
 
 
 @topics_app.command("create")

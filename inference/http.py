@@ -1,0 +1,43 @@
+"""The worker's HTTP surface: `/healthz` (JSON) and `/metrics` (Prometheus text)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str
+    products: list[str]
+    frames: float
+    in_flight: int
+
+
+def build_app(worker) -> FastAPI:
+    app = FastAPI(title="lineguard inference worker")
+
+    @app.get("/healthz", response_model=Health)
+    def healthz(response: Response) -> Health:
+        ok = worker.ready
+        response.status_code = 200 if ok else 503
+        return Health(status="ok" if ok else "starting" if not worker._stopping.is_set() else "stopping",
+                      model_version=worker.model.version, products=sorted(worker.model.products()),
+                      frames=worker.metrics.frames_total(), in_flight=worker.tracker.in_flight())
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def serve(worker, port: int, host: str = "127.0.0.1") -> None:
+    config = uvicorn.Config(build_app(worker), host=host, port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # the worker owns SIGTERM/SIGINT, not uvicorn
+    await server.serve()

@@ -1,0 +1,48 @@
+"""Turn an anomaly map into the images a Heatmap event carries: a bounded PNG and an overlay JPEG."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+HEATMAP_MAX_SIDE = 256
+OVERLAY_MAX_SIDE = 512
+
+
+def _fit(image: np.ndarray, max_side: int, interpolation=cv2.INTER_AREA) -> np.ndarray:
+    height, width = image.shape[:2]
+    if max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
+                      interpolation=interpolation)
+
+
+def map_to_u8(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+    """0..255 covers 0..2x the product's threshold, so 128 is the decision boundary on every product."""
+    scale = 127.5 / threshold if threshold > 0 else 255.0
+    return np.clip(anomaly_map.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+
+
+def heatmap_png(anomaly_map: np.ndarray, threshold: float, max_side: int = HEATMAP_MAX_SIDE) -> bytes:
+    """Single-channel 8-bit PNG of the map, longer side at most max_side."""
+    ok, png = cv2.imencode(".png", _fit(map_to_u8(anomaly_map, threshold), max_side))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return png.tobytes()
+
+
+def overlay_jpeg(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, boxes: list[tuple[int, int, int, int]],
+                 quality: int = 85, max_side: int = OVERLAY_MAX_SIDE) -> bytes:
+    """The frame with the map blended in (colour where above half the threshold) and region boxes drawn."""
+    height, width = image.shape[:2]
+    heat = map_to_u8(cv2.resize(anomaly_map.astype(np.float32), (width, height)), threshold)
+    colour = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
+    weight = (np.clip((heat.astype(np.float32) - 64) / 64, 0, 1) * 0.55)[..., None]
+    blended = (image.astype(np.float32) * (1 - weight) + colour.astype(np.float32) * weight).astype(np.uint8)
+    for x, y, w, h in boxes:
+        cv2.rectangle(blended, (x, y), (x + w - 1, y + h - 1), (0, 0, 255), max(1, round(max(height, width) / 256)))
+    ok, jpeg = cv2.imencode(".jpg", _fit(blended, max_side), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return jpeg.tobytes()
