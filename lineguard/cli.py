@@ -170,43 +170,16 @@ def demo(
     defect_rate: float = typer.Option(0.15, min=0.0, max=1.0, help="Share of defective parts."),
     seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
 ) -> None:
-    """Start the embedded stack and run a simulated line into Kafka with a live console view."""
-    from deploy.stack import EmbeddedStack, running_stack
-    from ingest.monitor import watch_frames
-    from ingest.publisher import publish
-    from ingest.sources import open_source
+    """Start the embedded stack, the inference worker and a simulated line, with a live view of verdicts."""
+    from deploy.demo import run_demo
 
     settings = _settings()
-    running = running_stack(settings)
-    stack = None if running else EmbeddedStack(settings)
     with _sigterm_as_interrupt():
         try:
-            if stack is not None:
-                stack.start()
-                running = {"kafka_bootstrap": stack.kafka_bootstrap, "influx_url": stack.influx_url}
-            settings = settings.model_copy(update={"kafka_bootstrap": running["kafka_bootstrap"],
-                                                   "influx_url": running["influx_url"]})
-            typer.echo(f"embedded stack {'up' if stack else 'already running'}: kafka {settings.bootstrap}, "
-                       f"influx {settings.influx}, state {settings.state_dir.resolve()}", err=True)
-
-            async def main() -> None:
-                view = asyncio.create_task(watch_frames(settings, seconds=seconds))
-                await asyncio.sleep(0.5)  # let the view join before the first frame
-                line = asyncio.create_task(publish(open_source("simulator", defect_rate=defect_rate), settings,
-                                                   rate=rate, cameras=cameras))
-                try:
-                    await view
-                finally:
-                    line.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await line
-
-            asyncio.run(main())
+            run_demo(settings, rate=rate, cameras=cameras, defect_rate=defect_rate, seconds=seconds,
+                     echo=lambda text: typer.echo(text, err=True))
         except KeyboardInterrupt:
-            typer.echo("stopping…", err=True)
-        finally:
-            if stack is not None:
-                stack.stop()
+            typer.echo("stopped.", err=True)
 
 
 @app.command()

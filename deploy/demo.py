@@ -1,0 +1,112 @@
+"""`lineguard demo`: the whole line on the embedded stack.
+
+    simulator ──frames──▶ lineguard infer (child process) ──verdicts──▶ live console view
+
+It starts the embedded stack (or reuses one that `lineguard up` runs), registers normal
+references for the simulated products when none exist, starts the services as child
+processes, and stops everything it started on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+
+from deploy.services import Services
+from deploy.stack import EmbeddedStack, free_port, running_stack
+from inference.monitor import watch_verdicts
+from inference.references import ReferenceStore
+from ingest.publisher import publish
+from ingest.simulator import PRODUCTS, LineSimulator
+from ingest.sources import open_source
+from lineguard.logging import get_logger
+from lineguard.settings import Settings
+
+log = get_logger(__name__)
+
+REFERENCE_SHOTS = 2
+WORKER_READY_TIMEOUT_S = 180.0
+
+
+def ensure_simulator_references(settings: Settings, size: int = 256) -> list[str]:
+    """Register k good simulated parts per product, unless the product already has references."""
+    store = ReferenceStore(settings.state_dir)
+    simulator = LineSimulator(size=size)
+    added = []
+    for product in PRODUCTS:
+        if not store.manifest(product):
+            images = simulator.normal_references(product, REFERENCE_SHOTS)
+            store.add_images(product, [(f"simulator:{product}:{i}", image) for i, image in enumerate(images)])
+            added.append(product)
+    return added
+
+
+def wait_healthy(url: str, services: Services, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if services.dead():
+            raise RuntimeError(f"service(s) exited during start-up: {services.dead()} "
+                               f"(see {services.state_dir}/<name>.log)")
+        with contextlib.suppress(urllib.error.URLError, OSError, ValueError), \
+                urllib.request.urlopen(url, timeout=1) as response:
+            return json.loads(response.read())
+        time.sleep(0.3)
+    raise RuntimeError(f"worker not healthy at {url} within {timeout_s:.0f} s")
+
+
+def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: float, seconds: float | None,
+             echo=print) -> None:
+    running = running_stack(settings)
+    stack = None if running else EmbeddedStack(settings)
+    services: Services | None = None
+    try:
+        if stack is not None:
+            stack.start()
+            running = {"kafka_bootstrap": stack.kafka_bootstrap, "influx_url": stack.influx_url}
+        settings = settings.model_copy(update={"kafka_bootstrap": running["kafka_bootstrap"],
+                                               "influx_url": running["influx_url"]})
+        echo(f"embedded stack {'up' if stack else 'already running'}: kafka {settings.bootstrap}, "
+             f"influx {settings.influx}, state {settings.state_dir.resolve()}")
+        added = ensure_simulator_references(settings)
+        if added:
+            echo(f"registered {REFERENCE_SHOTS} normal reference image(s) for: {', '.join(added)}")
+        services = Services(settings.state_dir, {
+            "LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap, "LINEGUARD_INFLUX_URL": settings.influx,
+            "LINEGUARD_STATE_DIR": str(settings.state_dir.resolve()), "LINEGUARD_LOG_JSON": "1",
+        })
+        http_port = free_port()
+        services.start("infer", ["infer", "--http-port", str(http_port)])
+        echo(f"inference worker starting (log {services.state_dir / 'infer.log'}, "
+             f"metrics http://127.0.0.1:{http_port}/metrics) …")
+        health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", services, WORKER_READY_TIMEOUT_S)
+        echo(f"worker ready: model {health['model_version']}, products {', '.join(health['products'])}")
+        asyncio.run(_line_and_view(settings, rate, cameras, defect_rate, seconds, services))
+    finally:
+        if services is not None:
+            services.stop()
+        if stack is not None:
+            stack.stop()
+
+
+async def _line_and_view(settings: Settings, rate: float, cameras: int, defect_rate: float,
+                         seconds: float | None, services: Services) -> None:
+    view = asyncio.create_task(watch_verdicts(settings, seconds=seconds))
+    await asyncio.sleep(0.5)  # let the view join before the first verdict
+    line = asyncio.create_task(publish(open_source("simulator", defect_rate=defect_rate), settings,
+                                       rate=rate, cameras=cameras))
+    try:
+        while not view.done():
+            if services.dead():
+                raise RuntimeError(f"service(s) exited: {services.dead()} (see {services.state_dir})")
+            if line.done() and line.exception():
+                raise line.exception()
+            await asyncio.sleep(0.5)
+        await view
+    finally:
+        for task in (line, view):
+            task.cancel()
+        await asyncio.gather(line, view, return_exceptions=True)

@@ -1,0 +1,63 @@
+"""Run lineguard services (`lineguard infer`, `lineguard stats`, ...) as child processes and stop them cleanly.
+
+    >>> with Services(state_dir, env) as services:
+    ...     services.start("infer", ["infer", "--http-port", "9102"])
+
+Each child gets its own process group and log file `<state_dir>/<name>.log`; `stop()` sends
+SIGTERM (the services finish their in-flight work and commit), then SIGKILL after a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lineguard.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Services:
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None):
+        self.state_dir = Path(state_dir)
+        self.env = dict(os.environ) | (env or {})
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.state_dir / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "lineguard", *args], stdout=log_file,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                       start_new_session=True)
+        self.children[name] = process
+        log.info("service_started", service=name, pid=process.pid, log=str(log_path))
+        return process
+
+    def dead(self) -> list[str]:
+        return [name for name, process in self.children.items() if process.poll() is not None]
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for process in self.children.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for name, process in self.children.items():
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+            log.info("service_stopped", service=name, pid=process.pid, code=process.returncode)
+        self.children.clear()
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

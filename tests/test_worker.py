@@ -1,0 +1,299 @@
+"""The streaming inference worker against the real broker and the real model.
+
+Every frame yields exactly one verdict and one heatmap after dedupe by frame_id, across a
+crashed worker and across a rebalance; bad frames land in the dead-letter topic with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from aiokafka.structs import TopicPartition
+
+from deploy.demo import ensure_simulator_references
+from deploy.stack import free_port
+from inference.offsets import OffsetTracker
+from inference.worker import InferenceWorker, WorkerConfig
+from ingest.publisher import publish
+from ingest.sources import open_source
+from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_frame
+from lineguard.kafka import make_consumer, make_producer, start_client
+from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
+from tests.helpers import read_topic
+
+# --- the offset rule, without Kafka ----------------------------------------------------------------------
+
+
+def test_offsets_commit_only_below_the_oldest_unfinished_frame():
+    tracker = OffsetTracker()
+    tp = TopicPartition("frames", 0)
+    tracker.add(tp, [10, 11, 12])
+    tracker.done(tp, 11)
+    tracker.done(tp, 12)
+    assert tracker.committable() == {tp: 10}  # 10 still pending: nothing past it
+    tracker.done(tp, 10)
+    assert tracker.committable() == {tp: 13}
+    tracker.committed({tp: 13})
+    assert tracker.committable() == {}
+    tracker.add(tp, [13])
+    tracker.forget([tp])  # revoked: late completions are ignored
+    tracker.done(tp, 13)
+    assert tracker.committable() == {}
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from inference.scorer import build_scorer
+    from ingest.simulator import LineSimulator
+
+    scorer = build_scorer(device="cpu")
+    simulator = LineSimulator()
+    for product in ("disc", "tile"):
+        scorer.set_references(product, simulator.normal_references(product, 2))
+    return scorer
+
+
+def worker_env(settings) -> dict:
+    return dict(os.environ) | {"LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap,
+                               "LINEGUARD_TOPIC_PREFIX": settings.topic_prefix,
+                               "LINEGUARD_STATE_DIR": str(settings.state_dir), "LINEGUARD_LOG_JSON": "1"}
+
+
+def start_worker_process(settings, tmp_path, name: str, port: int) -> subprocess.Popen:
+    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port), "--no-text"],
+                            env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def healthy(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def frames_done(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("lineguard_frames_total"))
+
+
+class Outputs:
+    """Verdicts and heatmaps read back, keyed by frame_id (consumers dedupe by frame_id)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.verdicts: dict[str, list[Verdict]] = {}
+        self.heatmaps: dict[str, int] = {}
+
+    def read(self, expect: int, timeout_s: float = 120) -> Outputs:
+        verdicts = asyncio.run(read_topic(self.settings, VERDICTS, expect=expect, idle_s=2, timeout_s=timeout_s))
+        heatmaps = asyncio.run(read_topic(self.settings, HEATMAPS, expect=expect, idle_s=1, timeout_s=timeout_s))
+        self.verdicts, self.heatmaps = {}, {}
+        for record in verdicts:
+            verdict = Verdict.from_bytes(record.value)
+            self.verdicts.setdefault(verdict.frame_id, []).append(verdict)
+        for record in heatmaps:
+            heatmap = Heatmap.from_bytes(record.value)
+            self.heatmaps[heatmap.frame_id] = self.heatmaps.get(heatmap.frame_id, 0) + 1
+        return self
+
+
+def published_ids(settings) -> list[str]:
+    records = asyncio.run(read_topic(settings, FRAMES, idle_s=1, timeout_s=30))
+    return [FrameMeta.from_bytes(dict(r.headers)["lineguard-meta"]).frame_id for r in records]
+
+
+# --- in-process worker -----------------------------------------------------------------------------------
+
+
+async def _run_worker_until(settings, model, expect_verdicts: int, produce, config=None, timeout_s=120):
+    worker = InferenceWorker(settings, model, config or WorkerConfig(max_batch=8, max_wait_ms=30, explain=False))
+    task = asyncio.create_task(worker.run())
+    await produce()
+    deadline = time.monotonic() + timeout_s
+    while worker.metrics.frames_total() + _dead(worker) < expect_verdicts and time.monotonic() < deadline:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.2)
+    worker.stop()
+    await asyncio.wait_for(task, 60)
+    return worker
+
+
+def _dead(worker) -> float:
+    return sum(sample.value for metric in worker.metrics.dead_letters.collect() for sample in metric.samples
+               if sample.name.endswith("_total"))
+
+
+def test_simulated_defects_are_flagged(settings, model):
+    n = 48
+
+    async def produce():
+        await publish(open_source("simulator", defect_rate=0.5, seed=11), settings, cameras=2, limit=n)
+
+    asyncio.run(_run_worker_until(settings, model, n, produce))
+    outputs = Outputs(settings).read(expect=n)
+    verdicts = [v[0] for v in outputs.verdicts.values()]
+    assert len(verdicts) == n and set(outputs.heatmaps) == set(outputs.verdicts)
+    defects = [v for v in verdicts if v.ground_truth_defect]
+    normals = [v for v in verdicts if v.ground_truth_defect is False]
+    recall = sum(v.is_anomalous for v in defects) / len(defects)
+    false_alarms = sum(v.is_anomalous for v in normals) / len(normals)
+    assert recall >= 0.9, f"recall {recall:.2f}"
+    assert false_alarms <= 0.2, f"false-alarm rate {false_alarms:.2f}"
+    for verdict in defects:
+        if verdict.is_anomalous:
+            assert verdict.regions and 1 <= len(verdict.positions) <= 2
+            assert verdict.latency.model_ms > 0 and verdict.model_version == model.version
+
+
+def test_bad_frames_go_to_the_dead_letter_topic(settings, model):
+    meta = FrameMeta(frame_id="bad-jpeg", line_id="line-1", camera_id="cam-0", product="disc", width=8, height=8)
+    unknown = meta.model_copy(update={"frame_id": "unknown-product", "product": "gearbox"})
+
+    async def produce():
+        producer = await start_client(settings, make_producer(settings))
+        topic = settings.topic(FRAMES)
+        try:
+            value, headers = encode_frame(meta, b"\xff\xd8 definitely not a jpeg")
+            await producer.send_and_wait(topic, value, key=b"cam-0", headers=headers)
+            await producer.send_and_wait(topic, b"\xff\xd8", key=b"cam-0")  # no metadata header
+            await producer.send_and_wait(topic, b"\xff\xd8", key=b"cam-0",
+                                         headers=[("lineguard-meta", b'{"frame_id": 3}')])
+            import cv2
+            import numpy as np
+
+            jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+            value, headers = encode_frame(unknown, jpeg)
+            await producer.send_and_wait(topic, value, key=b"cam-0", headers=headers)
+        finally:
+            await producer.stop()
+        await publish(open_source("simulator", seed=2), settings, limit=2)
+
+    worker = asyncio.run(_run_worker_until(settings, model, 6, produce))
+    letters = [DeadLetter.from_bytes(r.value)
+               for r in asyncio.run(read_topic(settings, DEADLETTER, expect=4, idle_s=1))]
+    reasons = {letter.error_type: letter.reason for letter in letters}
+    assert set(reasons) == {"UndecodableImage", "BadFrame", "UnknownProduct"}
+    assert len(letters) == 4
+    assert "gearbox" in reasons["UnknownProduct"] and "no references" in reasons["UnknownProduct"]
+    assert any("missing lineguard-meta" in letter.reason for letter in letters)
+    assert any("invalid FrameMeta" in letter.reason for letter in letters)
+    assert all(letter.source_topic == settings.topic(FRAMES) and letter.offset is not None for letter in letters)
+    # the worker kept going: the good frames after the bad ones have verdicts
+    assert len(Outputs(settings).read(expect=2).verdicts) == 2
+    assert worker.metrics.frames_total() == 2
+
+
+# --- worker processes: crash, restart, rebalance --------------------------------------------------------
+
+
+@pytest.fixture
+def refs_settings(settings, tmp_path):
+    settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
+    ensure_simulator_references(settings)
+    return settings
+
+
+def test_exactly_one_verdict_per_frame_across_a_worker_crash(refs_settings, tmp_path):
+    settings, n = refs_settings, 60
+    asyncio.run(publish(open_source("simulator", seed=4), settings, cameras=3, limit=n))
+    port = free_port()
+    first = start_worker_process(settings, tmp_path, "first", port)
+    try:
+        wait_until(lambda: healthy(port), 120, "first worker")
+        wait_until(lambda: frames_done(port) >= 15, 120, "some frames scored")
+        first.send_signal(signal.SIGKILL)  # a crash: no drain, no commit
+        first.wait(10)
+        second_port = free_port()
+        second = start_worker_process(settings, tmp_path, "second", second_port)
+        try:
+            wait_until(lambda: healthy(second_port), 120, "second worker")
+            outputs = Outputs(settings).read(expect=n)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    ids = set(published_ids(settings))
+    assert len(ids) == n
+    assert set(outputs.verdicts) == ids, "every frame has a verdict, and only published frames do"
+    assert set(outputs.heatmaps) == ids
+    # after dedupe by frame_id, each frame has one verdict; re-deliveries carry the same decision
+    for frame_id, copies in outputs.verdicts.items():
+        assert len({(v.is_anomalous, round(v.score, 5)) for v in copies}) == 1, frame_id
+
+
+def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
+    settings, n = refs_settings, 80
+    port_a, port_b = free_port(), free_port()
+    worker_a = start_worker_process(settings, tmp_path, "a", port_a)
+    worker_b = None
+    try:
+        wait_until(lambda: healthy(port_a), 120, "worker a")
+
+        async def line():
+            await publish(open_source("simulator", seed=9), settings, cameras=6, limit=n, rate=8)
+
+        thread = threading.Thread(target=lambda: asyncio.run(line()))
+        thread.start()
+        wait_until(lambda: frames_done(port_a) >= 10, 120, "worker a scoring")
+        worker_b = start_worker_process(settings, tmp_path, "b", port_b)  # joins the group: rebalance
+        wait_until(lambda: healthy(port_b), 120, "worker b")
+        thread.join(60)
+        outputs = Outputs(settings).read(expect=n)
+        done_a, done_b = frames_done(port_a), frames_done(port_b)
+        # SIGTERM: both finish what they hold, commit and leave the group
+        for process in (worker_a, worker_b):
+            process.send_signal(signal.SIGTERM)
+        assert worker_a.wait(60) == 0 and worker_b.wait(60) == 0
+    finally:
+        for process in (worker_a, worker_b):
+            if process is not None and process.poll() is None:
+                process.kill()
+    ids = set(published_ids(settings))
+    assert len(ids) == n
+    assert set(outputs.verdicts) == ids and set(outputs.heatmaps) == ids
+    assert done_a > 0 and done_b > 0, f"both workers should have scored frames: a={done_a} b={done_b}"
+    # every offset is committed after the graceful stop
+    assert asyncio.run(_lag(settings)) == 0
+
+
+async def _lag(settings) -> int:
+    consumer = make_consumer(settings, group_id="lineguard-inference")  # no subscription: only reads commits
+    await start_client(settings, consumer)
+    try:
+        partitions = [TopicPartition(settings.topic(FRAMES), p) for p in range(6)]
+        ends = await consumer.end_offsets(partitions)
+        lag = 0
+        for tp in partitions:
+            committed = await consumer.committed(tp) or 0
+            lag += ends[tp] - committed
+        return lag
+    finally:
+        await consumer.stop()
