@@ -23,6 +23,8 @@ topics_app = typer.Typer(help="Manage Kafka topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 refs_app = typer.Typer(help="Normal reference images per product (the few-shot memory).", no_args_is_help=True)
 app.add_typer(refs_app, name="refs")
+bench_app = typer.Typer(help="Benchmarks; `make bench` runs `bench all` and writes BENCHMARKS.md.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -259,6 +261,40 @@ def refs_list() -> None:
         typer.echo(f"{product}\t{len(entries)} image(s)")
         for entry in entries:
             typer.echo(f"  {entry.file}\t{entry.width}x{entry.height}\t{entry.added_at}\t{entry.source}")
+
+
+@bench_app.command("stream")
+@cli_command
+def bench_stream(
+    frames: int = typer.Option(400, min=16, help="Frames per phase."),
+    max_batch: int = typer.Option(16, min=1, help="Worker batch size."),
+    encoder: str = typer.Option(None, help="Image encoder (default efficientnet-lite0)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Batched pipeline vs a naive one-frame loop vs the raw model, on a fresh embedded broker."""
+    from deploy.bench import stream_benchmark
+
+    _settings()
+    result = stream_benchmark(frames=frames, max_batch=max_batch, encoder=encoder, device=device)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key}: {value}")
+
+
+@bench_app.command("all")
+@cli_command
+def bench_all(
+    output: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file to write."),
+    quick: bool = typer.Option(False, help="Fewer frames and seeds (a smoke run)."),
+) -> None:
+    """Run every benchmark and write BENCHMARKS.md (each figure with its command, machine and baseline)."""
+    from deploy.bench import write_benchmarks
+
+    _settings()
+    write_benchmarks(output, quick=quick, echo=lambda text: typer.echo(text, err=True))
 
 
 @topics_app.command("create")
