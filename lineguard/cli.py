@@ -23,7 +23,8 @@ topics_app = typer.Typer(help="Manage Kafka topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 refs_app = typer.Typer(help="Normal reference images per product (the few-shot memory).", no_args_is_help=True)
 app.add_typer(refs_app, name="refs")
-bench_app = typer.Typer(help="Benchmarks; `make bench` runs `bench all` and writes BENCHMARKS.md.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks; `make bench` runs `bench all` and writes BENCHMARKS.md.",
+                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 EXIT_ERROR = 1
