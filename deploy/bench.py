@@ -1,0 +1,276 @@
+"""Benchmarks that need the whole system, and `make bench`, which writes BENCHMARKS.md.
+
+`stream_benchmark` runs, in one process and on a fresh embedded broker:
+- fps_model_raw: the model alone, batched, on decoded frames (no Kafka, no JPEG);
+- fps_pipeline: the real worker (`InferenceWorker`) draining a backlog of N frames;
+- fps_naive: a one-frame-at-a-time loop: fetch one, decode, score, publish, wait for the ack, commit;
+- p50_ms / p99_ms: produce → verdict received, at half the measured pipeline capacity;
+- lost_frames / duplicate_verdicts: frames without a verdict, and extra verdicts, in the latency phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from deploy.stack import EmbeddedStack
+from inference.outputs import heatmap_png
+from inference.worker import FrameInput, InferenceWorker, WorkerConfig
+from ingest.publisher import encode_jpeg
+from ingest.simulator import PRODUCTS, LineSimulator
+from lineguard.events import FrameMeta, Heatmap, Verdict, decode_frame, encode_frame
+from lineguard.kafka import ensure_topics, make_consumer, make_producer, start_client
+from lineguard.logging import get_logger
+from lineguard.settings import Settings, load_settings
+from lineguard.topics import FRAMES, HEATMAPS, VERDICTS
+
+log = get_logger(__name__)
+
+REFERENCE_SHOTS = 2
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# --- the stream benchmark -----------------------------------------------------------------------------
+
+def _frames(n: int, seed: int = 0) -> list[tuple[FrameMeta, bytes, np.ndarray]]:
+    simulator = LineSimulator(defect_rate=0.2, seed=seed)
+    frames = []
+    for i in range(n):
+        part = simulator.part(i)
+        jpeg, width, height = encode_jpeg(part.image, 90)
+        camera = f"cam-{i % 4}"
+        meta = FrameMeta(frame_id=f"bench.{seed}.{i:06d}", line_id="bench", camera_id=camera, product=part.product,
+                         seq=i // 4, width=width, height=height, source="simulator", mm_per_px=simulator.mm_per_px)
+        frames.append((meta, jpeg, part.image))
+    return frames
+
+
+async def _produce(settings: Settings, frames, rate: float | None = None) -> None:
+    producer = await start_client(settings, make_producer(settings))
+    try:
+        started = time.monotonic()
+        futures = []
+        for index, (meta, jpeg, _) in enumerate(frames):
+            if rate:
+                delay = started + index / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            meta = meta.model_copy(update={"captured_at": datetime.now(UTC)})
+            value, headers = encode_frame(meta, jpeg)
+            futures.append(await producer.send(settings.topic(FRAMES), value, key=meta.camera_id.encode(),
+                                               headers=headers))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def model_raw_fps(model, frames, batch: int) -> float:
+    inputs = [FrameInput(image, meta.product, meta.mm_per_px) for meta, _, image in frames]
+    model.score(inputs[:batch])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(inputs), batch):
+        model.score(inputs[start:start + batch])
+    return len(inputs) / (time.perf_counter() - started)
+
+
+async def pipeline_fps(settings: Settings, model, frames, max_batch: int) -> float:
+    """The real worker draining a backlog: time from its first fetch to its last commit-ready frame."""
+    await _produce(settings, frames)
+    worker = InferenceWorker(settings, model, WorkerConfig(max_batch=max_batch, max_wait_ms=20, explain=False))
+    task = asyncio.create_task(worker.run())
+    while worker.metrics.frames_total() < 1:
+        await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    first = worker.metrics.frames_total()
+    while worker.metrics.frames_total() < len(frames):
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    worker.stop()
+    await task
+    return (len(frames) - first) / elapsed
+
+
+async def naive_fps(settings: Settings, model, frames) -> float:
+    """One frame at a time: getone → decode → score → publish verdict + heatmap → wait → commit."""
+    await _produce(settings, frames)
+    consumer = make_consumer(settings, FRAMES, group_id="naive", max_poll_records=1)
+    producer = make_producer(settings)
+    await start_client(settings, consumer)
+    await start_client(settings, producer)
+    done = 0
+    started = None
+    try:
+        while done < len(frames):
+            record = await consumer.getone()
+            if started is None:
+                started = time.perf_counter()
+            meta, jpeg = decode_frame(record.value, record.headers)
+            image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            scored = model.score([FrameInput(image, meta.product, meta.mm_per_px)])[0]
+            verdict = Verdict(frame_id=meta.frame_id, line_id=meta.line_id, camera_id=meta.camera_id,
+                              product=meta.product, captured_at=meta.captured_at, score=scored.score,
+                              threshold=scored.threshold, is_anomalous=scored.is_anomalous,
+                              confidence=scored.confidence, regions=scored.regions, positions=scored.positions,
+                              model_version=model.version)
+            heatmap = Heatmap(frame_id=meta.frame_id, camera_id=meta.camera_id, product=meta.product,
+                              width=meta.width, height=meta.height,
+                              map_png=heatmap_png(scored.anomaly_map, scored.threshold))
+            key = meta.camera_id.encode()
+            await producer.send_and_wait(settings.topic(VERDICTS), verdict.to_bytes(), key=key)
+            await producer.send_and_wait(settings.topic(HEATMAPS), heatmap.to_bytes(), key=key)
+            await consumer.commit()
+            done += 1
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return (done - 1) / (time.perf_counter() - started) if done > 1 else 0.0
+
+
+async def latency_at_load(settings: Settings, model, frames, rate: float, max_batch: int) -> dict:
+    """Offer `rate` frames/s to a running worker; measure produce → verdict received per frame."""
+    worker = InferenceWorker(settings, model, WorkerConfig(max_batch=max_batch, max_wait_ms=20, explain=False))
+    task = asyncio.create_task(worker.run())
+    consumer = make_consumer(settings, VERDICTS, group_id=None, auto_offset_reset="earliest")
+    await start_client(settings, consumer)
+    while not worker.ready:
+        await asyncio.sleep(0.05)
+    producing = asyncio.create_task(_produce(settings, frames, rate=rate))
+    latencies: dict[str, float] = {}
+    records = 0
+    deadline = time.monotonic() + len(frames) / rate + 60
+    try:
+        while len(latencies) < len(frames) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=100)
+            received = datetime.now(UTC)
+            for batch in batches.values():
+                for record in batch:
+                    verdict = Verdict.from_bytes(record.value)
+                    records += 1
+                    latencies.setdefault(verdict.frame_id, (received - verdict.captured_at).total_seconds() * 1000)
+        await producing
+    finally:
+        await consumer.stop()
+        worker.stop()
+        await task
+    values = np.array(sorted(latencies.values())) if latencies else np.array([float("nan")])
+    return {"p50_ms": round(float(np.percentile(values, 50)), 1), "p99_ms": round(float(np.percentile(values, 99)), 1),
+            "lost_frames": len(frames) - len(latencies), "duplicate_verdicts": records - len(latencies),
+            "offered_fps": round(rate, 2)}
+
+
+def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None = None,
+                     device: str = "auto") -> dict:
+    from inference.scorer import build_scorer
+
+    model = build_scorer(encoder=encoder, device=device, text=False)
+    simulator = LineSimulator(seed=123)
+    for product in PRODUCTS:
+        model.set_references(product, simulator.normal_references(product, REFERENCE_SHOTS))
+    batch_frames = _frames(frames, seed=1)
+    naive_frames = _frames(max(16, frames // 4), seed=2)
+    with tempfile.TemporaryDirectory() as state_dir:
+        base = load_settings(state_dir=Path(state_dir), embedded_kafka_port=0, embedded_influx_port=0)
+        with EmbeddedStack(base, with_influx=False) as stack:
+            def phase(name: str) -> Settings:
+                settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
+                                                   "topic_prefix": f"bench-{name}."})
+                asyncio.run(ensure_topics(settings))
+                return settings
+
+            fps_raw = model_raw_fps(model, batch_frames, max_batch)
+            fps_pipeline = asyncio.run(pipeline_fps(phase("pipeline"), model, batch_frames, max_batch))
+            fps_naive = asyncio.run(naive_fps(phase("naive"), model, naive_frames))
+            latency_frames = _frames(max(32, min(frames, int(fps_pipeline * 20))), seed=3)
+            latency = asyncio.run(latency_at_load(phase("latency"), model, latency_frames, fps_pipeline / 2,
+                                                  max_batch))
+    return {
+        "frames": frames, "max_batch": max_batch, "encoder": encoder or "efficientnet-lite0",
+        "device": str(model.device), "fps_model_raw": round(fps_raw, 2), "fps_pipeline": round(fps_pipeline, 2),
+        "fps_naive": round(fps_naive, 2), "pipeline_vs_raw": round(fps_pipeline / fps_raw, 3),
+        "pipeline_vs_naive": round(fps_pipeline / fps_naive, 2) if fps_naive else None, **latency,
+    }
+
+
+# --- BENCHMARKS.md -------------------------------------------------------------------------------------
+
+def stream_section(result: dict, command: str) -> str:
+    ok_raw = "meets" if result["pipeline_vs_raw"] >= 0.6 else "misses"
+    ok_naive = "meets" if (result["pipeline_vs_naive"] or 0) >= 3 else "misses"
+    return "\n".join([
+        "## Streaming pipeline (`lineguard bench stream`)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Encoder: {result['encoder']} on {result['device']}, max batch {result['max_batch']}, "
+        f"{result['frames']} frames per phase, simulated 256 px parts, embedded Tansu broker on loopback.",
+        "",
+        "| figure | value | ratio |",
+        "|---|---|---|",
+        f"| fps_model_raw (model alone, batched, no Kafka) | {result['fps_model_raw']} | baseline |",
+        f"| fps_pipeline (the worker, from Kafka to acknowledged verdict + heatmap) | {result['fps_pipeline']} | "
+        f"{result['pipeline_vs_raw']} × raw (target ≥ 0.6 on CPU: {ok_raw}) |",
+        f"| fps_naive (one frame at a time, ack and commit each) | {result['fps_naive']} | pipeline = "
+        f"{result['pipeline_vs_naive']} × naive (target ≥ 3: {ok_naive}) |",
+        f"| p50 / p99 produce → verdict received, at {result['offered_fps']} frames/s offered (½ capacity) | "
+        f"{result['p50_ms']} / {result['p99_ms']} ms | |",
+        f"| lost frames / duplicate verdicts | {result['lost_frames']} / {result['duplicate_verdicts']} | |",
+        "",
+    ])
+
+
+def _replace_section(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        return text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_benchmarks(output: Path, quick: bool = False, echo=print) -> None:
+    """Run every benchmark and write each into its own marked section of `output`."""
+    text = output.read_text() if output.exists() else ""
+    if not text.startswith("# Benchmarks"):
+        text = ("# Benchmarks\n\nWritten by `make bench` (`lineguard bench all`). Every figure names its command "
+                "and machine, and is compared with a baseline measured in the same run.\n\n" + text)
+    frames = 96 if quick else 400
+    echo(f"stream benchmark ({frames} frames per phase)…")
+    result = stream_benchmark(frames=frames)
+    echo(json.dumps(result))
+    text = _replace_section(text, "stream", stream_section(result, f"lineguard bench stream --frames {frames} --json"))
+    output.write_text(text)
+    sections = [("model", "inference.bench"), ("storage", "storage.bench")]
+    for name, module in sections:
+        try:
+            section = __import__(module, fromlist=["markdown_section"]).markdown_section
+        except (ImportError, AttributeError) as exc:
+            echo(f"{name} benchmark unavailable: {exc}")
+            continue
+        echo(f"{name} benchmark…")
+        text = _replace_section(text, name, section())
+        output.write_text(text)
+    echo(f"wrote {output}")
