@@ -297,3 +297,62 @@ async def _lag(settings) -> int:
         return lag
     finally:
         await consumer.stop()
+
+
+def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_path):
+    """A product without references is dead-lettered; after `lineguard refs add` the same worker scores it."""
+    import cv2
+
+    from ingest.simulator import LineSimulator
+
+    state = tmp_path / "state"
+    settings = settings.model_copy(update={"state_dir": state})
+    model.states.pop("gasket", None)
+    simulator = LineSimulator(products=("tile",), seed=21)
+    paths = []
+    for i, image in enumerate(simulator.normal_references("tile", 2)):
+        paths.append(tmp_path / f"good_{i}.png")
+        cv2.imwrite(str(paths[-1]), image)
+
+    async def scenario():
+        worker = InferenceWorker(settings, model, WorkerConfig(max_batch=4, max_wait_ms=20, explain=False))
+        task = asyncio.create_task(worker.run())
+        while not worker.ready:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # the model-updates watcher has joined
+
+        # frames of a product "gasket" that has no references yet (tile images)
+        from ingest.sources import SimulatorSource
+
+        class Gasket(SimulatorSource):
+            def frames(self):
+                for frame in super().frames():
+                    frame.product = "gasket"
+                    yield frame
+
+        await publish(Gasket(simulator), settings, limit=2)
+        while _dead(worker) < 2:
+            await asyncio.sleep(0.1)
+        env = worker_env(settings)
+        added = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "lineguard", "refs", "add",
+                                                         "--product", "gasket", *map(str, paths)],
+                                        env=env, capture_output=True, text=True, timeout=120)
+        assert added.returncode == 0, added.stderr
+        assert "gasket: added 2 reference image(s)" in added.stdout
+        for _ in range(100):
+            if "gasket" in model.products():
+                break
+            await asyncio.sleep(0.1)
+        await publish(Gasket(simulator), settings, limit=3)
+        while worker.metrics.frames_total() < 3:
+            await asyncio.sleep(0.1)
+        worker.stop()
+        await task
+        return worker
+
+    worker = asyncio.run(asyncio.wait_for(scenario(), 180))
+    assert _dead(worker) == 2 and worker.metrics.frames_total() == 3
+    listed = subprocess.run([sys.executable, "-m", "lineguard", "refs", "list"], env=worker_env(settings),
+                            capture_output=True, text=True, timeout=60)
+    assert "gasket\t2 image(s)" in listed.stdout
+    model.states.pop("gasket", None)
