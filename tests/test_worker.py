@@ -250,7 +250,7 @@ def test_exactly_one_verdict_per_frame_across_a_worker_crash(refs_settings, tmp_
 
 
 def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
-    settings, n = refs_settings, 80
+    settings, n = refs_settings, 120
     port_a, port_b = free_port(), free_port()
     worker_a = start_worker_process(settings, tmp_path, "a", port_a)
     worker_b = None
@@ -258,11 +258,11 @@ def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
         wait_until(lambda: healthy(port_a), 120, "worker a")
 
         async def line():
-            await publish(open_source("simulator", seed=9), settings, cameras=6, limit=n, rate=8)
+            await publish(open_source("simulator", seed=9), settings, cameras=6, limit=n, rate=6)
 
         thread = threading.Thread(target=lambda: asyncio.run(line()))
         thread.start()
-        wait_until(lambda: frames_done(port_a) >= 10, 120, "worker a scoring")
+        wait_until(lambda: frames_done(port_a) >= 5, 120, "worker a scoring")
         worker_b = start_worker_process(settings, tmp_path, "b", port_b)  # joins the group: rebalance
         wait_until(lambda: healthy(port_b), 120, "worker b")
         thread.join(60)
