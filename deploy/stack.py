@@ -149,6 +149,18 @@ class EmbeddedStack:
     def pids(self) -> dict[str, int]:
         return {child.name: child.process.pid for child in self.children}
 
+    def stop_influx(self, timeout_s: float = 10.0) -> None:
+        """Stop only the influxd child (its data stays); `start_influx()` brings it back on the same port."""
+        for child in [c for c in self.children if c.name == "influxd"]:
+            self._stop_child(child, timeout_s)
+            self.children.remove(child)
+
+    def start_influx(self) -> None:
+        """Start influxd again (after `stop_influx()`), on the same port and data directory."""
+        if any(c.name == "influxd" for c in self.children):
+            return
+        self._start_influx()
+
     def dead_children(self) -> list[str]:
         return [child.name for child in self.children if child.process.poll() is not None]
 
