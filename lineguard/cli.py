@@ -337,5 +337,25 @@ def schema(out: Path = typer.Option(None, help="Write one <Model>.schema.json pe
     typer.echo(f"wrote {len(schemas)} schemas to {out}", err=True)
 
 
+# -- storage (storage/cli.py imports its modules lazily, so --help stays fast) -------------------
+from storage.cli import (  # noqa: E402
+    bench_store_command,
+    grafana_generate_command,
+    grafana_push_command,
+    records_command,
+    stats_command,
+    store_command,
+)
+
+app.command("stats")(cli_command(stats_command))
+app.command("store")(cli_command(store_command))
+app.command("records")(cli_command(records_command))
+grafana_app = typer.Typer(help="Grafana: dashboards as code, datasource and dashboards push.", no_args_is_help=True)
+app.add_typer(grafana_app, name="grafana")
+grafana_app.command("push")(cli_command(grafana_push_command))
+grafana_app.command("generate")(cli_command(grafana_generate_command))
+bench_app.command("store")(cli_command(bench_store_command))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

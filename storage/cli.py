@@ -1,0 +1,183 @@
+"""Typer command functions of the storage room; `lineguard/cli.py` registers them.
+
+Only typer is imported at module level, so `lineguard --help` stays fast; each command imports
+its modules when it runs. Errors a user can act on (a full disk, an unreachable Grafana, a missing
+npm) print one `error: ...` line and exit 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import signal
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import typer
+
+
+def _storage_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from deploy.grafana.dashboards import SchemaCheckUnavailable
+        from deploy.grafana.push import GrafanaPushError
+        from storage.artifacts import StorageError
+
+        try:
+            return func(*args, **kwargs)
+        except (StorageError, GrafanaPushError, SchemaCheckUnavailable) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _settings():
+    from lineguard.logging import configure
+    from lineguard.settings import load_settings
+    from storage.settings import load_storage_settings
+
+    configure()
+    return load_settings(), load_storage_settings()
+
+
+@contextlib.contextmanager
+def _until_interrupted():
+    """Ctrl-C and SIGTERM end a long-running command cleanly."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@_storage_errors
+def stats_command(
+    seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+) -> None:
+    """Aggregate verdicts into 10 s / 1 min defect statistics in InfluxDB (a faust app)."""
+    from storage.stats import run_stats
+
+    settings, storage_settings = _settings()
+    with _until_interrupted():
+        asyncio.run(run_stats(settings, storage_settings, seconds=seconds))
+
+
+@_storage_errors
+def store_command(
+    seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+) -> None:
+    """Keep flagged frames (image, heatmap, overlay, verdict, answer) and labels; count normal frames."""
+    from storage.records import run_recorder
+
+    settings, storage_settings = _settings()
+    with _until_interrupted():
+        asyncio.run(run_recorder(settings, storage_settings, seconds=seconds))
+
+
+def _since(value: str | None) -> datetime | None:
+    """ISO time, or a duration back from now: 30m, 2h, 7d."""
+    if value is None:
+        return None
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(**{units[value[-1]]: float(value[:-1])})
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected an ISO time or a duration like 30m, 2h, 7d; got {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@_storage_errors
+def records_command(
+    since: str = typer.Option(None, help="From this capture time (ISO) or this long ago (30m, 2h, 7d)."),
+    until: str = typer.Option(None, help="Up to this capture time (ISO) or this long ago."),
+    line: str = typer.Option(None, help="Production line id."),
+    product: str = typer.Option(None, help="Product."),
+    verdict: str = typer.Option(None, help="anomalous or normal."),
+    label_status: str = typer.Option(None, help="unlabeled, defect or good."),
+    limit: int = typer.Option(20, min=1, help="At most this many, newest first."),
+) -> None:
+    """Query the inspection records (one JSON object per line)."""
+    from storage.records import RecordStore
+
+    if verdict not in (None, "anomalous", "normal"):
+        raise typer.BadParameter("--verdict must be anomalous or normal")
+    if label_status not in (None, "unlabeled", "defect", "good"):
+        raise typer.BadParameter("--label-status must be unlabeled, defect or good")
+    settings, storage_settings = _settings()
+    store = RecordStore.from_settings(settings, storage_settings)
+    try:
+        for record in store.query(since=_since(since), until=_since(until), line_id=line, product=product,
+                                  verdict=verdict, label_status=label_status, limit=limit):
+            typer.echo(record.model_dump_json())
+    finally:
+        store.close()
+
+
+@_storage_errors
+def grafana_push_command(
+    url: str = typer.Option(..., help="Grafana base URL, e.g. http://grafana:3000.", envvar="GRAFANA_URL"),
+    token: str = typer.Option(..., help="API / service-account token (or user:password).", envvar="GRAFANA_TOKEN"),
+    influx_url: str = typer.Option(None, help="InfluxDB URL as Grafana reaches it (default LINEGUARD_INFLUX_URL)."),
+) -> None:
+    """Create or update the InfluxDB datasource and push the lineguard dashboards to Grafana."""
+    from deploy.grafana.push import push
+
+    settings, storage_settings = _settings()
+    password = storage_settings.influx_password.get_secret_value() if storage_settings.influx_password else None
+    report = push(url, token, influx_url=influx_url or settings.influx, database=settings.influx_database,
+                  influx_username=storage_settings.influx_username, influx_password=password)
+    typer.echo(f"datasource lineguard-influxdb: {report.datasource}; folder lineguard: {report.folder}")
+    for uid, where in report.dashboards.items():
+        typer.echo(f"dashboard {uid}: {where or 'pushed'}")
+
+
+@_storage_errors
+def grafana_generate_command(
+    check: bool = typer.Option(False, "--check", help="Also type-check them against @grafana/schema (npm, tsc)."),
+) -> None:
+    """Regenerate deploy/grafana/dashboards/*.json from deploy/grafana/dashboards.py."""
+    from deploy.grafana.dashboards import schema_check, write_all
+
+    for path in write_all():
+        typer.echo(f"wrote {path}")
+    if check:
+        result = schema_check()
+        sys.stderr.write(result.stdout + result.stderr)
+        if result.returncode != 0:
+            typer.echo("error: the dashboards do not match Grafana's schema types", err=True)
+            raise typer.Exit(1)
+        typer.echo("schema check: ok")
+
+
+@_storage_errors
+def bench_store_command(
+    verdicts: int = typer.Option(4000, min=100, help="Verdicts for the aggregator run."),
+    records: int = typer.Option(400, min=20, help="Flagged frames for the recorder run."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    output: Path = typer.Option(None, help="Also put the markdown section into this file (BENCHMARKS.md)."),
+) -> None:
+    """Verdicts/s the aggregator sustains into InfluxDB and records/s the recorder sustains, with baselines."""
+    from storage.bench import markdown_section, store_benchmark, update_benchmarks_file
+
+    _settings()
+    result = store_benchmark(verdicts=verdicts, records=records)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key}: {value}")
+    if output is not None:
+        update_benchmarks_file(output, markdown_section(result))
+        typer.echo(f"wrote the storage section of {output}", err=True)
