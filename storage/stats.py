@@ -336,32 +336,42 @@ class WindowAggregator:
 
 
 class DeadLetterCounter:
-    """Dead letters per 10 s (by `failed_at`), per service, source topic and error type."""
+    """Dead letters per 10 s (by `failed_at`), per service, source topic and error type.
+
+    An open window is (re-)written whenever it changed; it is final `lateness_ms` after its end
+    (wall clock: a dead letter is stamped when it is written), and its messages are acknowledged then.
+    """
 
     def __init__(self, lateness_ms: int = 10_000):
         self.lateness_ms = lateness_ms
-        self.windows: dict[tuple, tuple[set, list]] = {}
+        self.windows: dict[tuple, list] = {}   # key -> [seen, acks, changed]
 
     def add(self, letter: DeadLetter, ack: Callable[[], object] | None = None) -> None:
         size = WINDOWS["10s"]
         at = int(letter.failed_at.timestamp() * 1000)
         key = (at - at % size, letter.service, letter.source_topic, letter.error_type)
-        seen, acks = self.windows.setdefault(key, (set(), []))
-        seen.add((letter.source_topic, letter.partition, letter.offset, letter.key, letter.reason))
+        window = self.windows.setdefault(key, [set(), [], False])
+        identity = (letter.source_topic, letter.partition, letter.offset, letter.key, letter.reason)
+        if identity not in window[0]:
+            window[0].add(identity)
+            window[2] = True
         if ack is not None:
-            acks.append(ack)
+            window[1].append(ack)
 
     def due(self, now_ms: float | None = None, *, flush_all: bool = False) -> Emission:
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         emission = Emission()
-        for key, (seen, acks) in list(self.windows.items()):
+        for key, window in list(self.windows.items()):
+            seen, acks, changed = window
             start, service, source_topic, error_type = key
-            if flush_all or start + WINDOWS["10s"] + self.lateness_ms <= now_ms:
+            final = not flush_all and start + WINDOWS["10s"] + self.lateness_ms <= now_ms
+            if changed:
                 tags = {"window": "10s", "service": service, "source_topic": source_topic, "error_type": error_type}
                 emission.points.append(Point("dead_letters", tags, {"count": len(seen)}, start))
-                if not flush_all:
-                    del self.windows[key]
-                    emission.on_written.extend(acks)
+                window[2] = False
+            if final:
+                del self.windows[key]
+                emission.on_written.extend(acks)
         return emission
 
 
@@ -422,7 +432,7 @@ class StatsService:
         self.writer = writer or InfluxWriter.from_settings(settings, storage_settings)
         self.aggregator = WindowAggregator(lateness_ms=int(storage_settings.stats_lateness_s * 1000),
                                            idle_close_ms=int(storage_settings.stats_idle_close_s * 1000))
-        self.dead_letters = DeadLetterCounter()
+        self.dead_letters = DeadLetterCounter(lateness_ms=int(storage_settings.stats_lateness_s * 1000))
         self.bad_verdicts = 0
         self.app = None
         self._tick_lock = asyncio.Lock()
