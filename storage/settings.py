@@ -41,7 +41,7 @@ class StorageSettings(BaseSettings):
     stats_group: str = "lineguard-stats"
     stats_lateness_s: float = Field(default=30.0, ge=0)
     stats_idle_close_s: float = Field(default=2.0, ge=0)
-    stats_lag_groups: str = "lineguard-stats,lineguard-store,lineguard-infer"
+    stats_lag_groups: str = "lineguard-stats,lineguard-store,lineguard-inference"
     stats_lag_interval_s: float = Field(default=10.0, gt=0)
 
     # inspection records
