@@ -217,10 +217,9 @@ def store_benchmark(verdicts: int = 4000, records: int = 400) -> dict:
 
 
 def markdown_section(result: dict | None = None) -> str:
-    """The storage section of BENCHMARKS.md (runs the benchmark when no result is given)."""
+    """The storage section of BENCHMARKS.md, without its markers (runs the benchmark when no result is given)."""
     result = result or store_benchmark()
     return "\n".join([
-        START,
         "## Storage: stats aggregator and inspection recorder",
         "",
         f"Command: `{COMMAND}` (embedded Tansu broker + influxd 1.6.7 on loopback, SQLite, local artifacts). "
@@ -240,12 +239,12 @@ def markdown_section(result: dict | None = None) -> str:
         f"The aggregator wrote {result['aggregator_points_written']} points in "
         f"{result['aggregator_write_batches']} batches. Both figures are end to end: the clock starts at the "
         "first message consumed and stops when InfluxDB holds every window / the last record is saved.",
-        END,
     ]) + "\n"
 
 
 def update_benchmarks_file(path: Path, section: str) -> None:
     """Put `section` between the storage markers of `path`, leaving every other section alone."""
+    section = f"{START}\n{section.strip()}\n{END}\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
     found = pattern.search(text)
