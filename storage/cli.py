@@ -44,20 +44,18 @@ def _settings():
     return load_settings(), load_storage_settings()
 
 
-@contextlib.contextmanager
-def _until_interrupted():
-    """Ctrl-C and SIGTERM end a long-running command cleanly."""
+def _run_until_signal(service) -> None:
+    """Run `service(stop)` in a fresh loop; Ctrl-C and SIGTERM set `stop`, so it shuts down in order."""
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await service(stop)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
 
 
 @_storage_errors
@@ -68,8 +66,7 @@ def stats_command(
     from storage.stats import run_stats
 
     settings, storage_settings = _settings()
-    with _until_interrupted():
-        asyncio.run(run_stats(settings, storage_settings, seconds=seconds))
+    _run_until_signal(lambda stop: run_stats(settings, storage_settings, seconds=seconds, stop=stop))
 
 
 @_storage_errors
@@ -80,8 +77,7 @@ def store_command(
     from storage.records import run_recorder
 
     settings, storage_settings = _settings()
-    with _until_interrupted():
-        asyncio.run(run_recorder(settings, storage_settings, seconds=seconds))
+    _run_until_signal(lambda stop: run_recorder(settings, storage_settings, seconds=seconds, stop=stop))
 
 
 def _since(value: str | None) -> datetime | None:

@@ -626,17 +626,16 @@ async def consumer_lag_points(settings: Settings, groups: list[str]) -> list[Poi
 
 
 async def run_stats(settings: Settings, storage_settings: StorageSettings, *, seconds: float | None = None,
-                    ready: asyncio.Event | None = None) -> StatsService:
-    """Run the aggregator until cancelled (or for `seconds`), then stop it cleanly."""
+                    ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> StatsService:
+    """Run the aggregator until `stop` is set, `seconds` pass, or it is cancelled; then stop it cleanly."""
     service = StatsService(settings, storage_settings)
     try:
         await service.start()
         if ready is not None:
             ready.set()
-        if seconds is None:
-            await asyncio.Event().wait()
-        else:
-            await asyncio.sleep(seconds)
+        stop = stop or asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
     finally:
         await asyncio.shield(service.stop())
     return service
