@@ -202,3 +202,31 @@ def test_full_disk_gives_clear_error_and_no_commit(settings, tmp_path):
         _check_failure_then_recover(settings, tmp_path, storage_settings, verdicts, "disk full", recover=False)
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_retention_purges_old_unlabelled_records_and_their_artifacts(tmp_path):
+    from datetime import UTC, datetime
+
+    from storage.artifacts import LocalArtifactStore
+    from storage.records import PendingRecord, SaveBatch
+
+    store = RecordStore(f"sqlite:///{tmp_path}/r.db", LocalArtifactStore(tmp_path / "a"))
+    now = datetime.now(UTC)
+    old = make_verdicts(3, start=now - timedelta(days=40), defect_rate=1.0, prefix="old")
+    fresh = make_verdicts(2, start=now - timedelta(days=1), defect_rate=1.0, prefix="new")
+    normal = make_verdicts(1, start=now - timedelta(days=20), defect_rate=0.0, prefix="norm")
+    batch = SaveBatch(records=[PendingRecord(v, frame_record(v)[1], heatmap_for(v), "flagged") for v in old + fresh]
+                      + [PendingRecord(normal[0], frame_record(normal[0])[1], None, "sample")],
+                      labels=[Label(frame_id=old[0].frame_id, operator="ana", is_defect=True)])
+    store.save(batch)
+    kept_image = store.get(old[0].frame_id).image_uri
+    purged_image = store.get(old[1].frame_id).image_uri
+    try:
+        removed = store.purge(retention_days=30, normal_retention_days=14, keep_labelled=True, now=now)
+        assert removed == 3   # two old unlabelled flagged records and the old normal sample
+        assert {r.frame_id for r in store.query(limit=100)} == {old[0].frame_id} | {v.frame_id for v in fresh}
+        assert store.artifacts.get(kept_image)
+        with pytest.raises(ArtifactStoreError):
+            store.artifacts.get(purged_image)
+    finally:
+        store.close()
