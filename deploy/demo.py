@@ -1,6 +1,7 @@
 """`lineguard demo`: the whole line on the embedded stack.
 
-    simulator ──frames──▶ lineguard infer (child process) ──verdicts──▶ live console view
+    simulator ──frames──▶ lineguard infer ──verdicts──▶ live console view
+                                          └──▶ lineguard stats (InfluxDB) and lineguard store (records)
 
 It starts the embedded stack (or reuses one that `lineguard up` runs), registers normal
 references for the simulated products when none exist, starts the services as child
@@ -25,6 +26,7 @@ from ingest.simulator import PRODUCTS, LineSimulator
 from ingest.sources import open_source
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
+from storage.demo import where_data_lives
 
 log = get_logger(__name__)
 
@@ -82,9 +84,13 @@ def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: floa
         services.start("infer", ["infer", "--http-port", str(http_port)])
         echo(f"inference worker starting (log {services.state_dir / 'infer.log'}, "
              f"metrics http://127.0.0.1:{http_port}/metrics) …")
+        services.start("stats", ["stats"])
+        services.start("store", ["store"])
         health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", services, WORKER_READY_TIMEOUT_S)
         echo(f"worker ready: model {health['model_version']}, products {', '.join(health['products'])}")
+        echo("where the data lives:\n" + where_data_lives(settings))
         asyncio.run(_line_and_view(settings, rate, cameras, defect_rate, seconds, services))
+        echo("where the data lives:\n" + where_data_lives(settings))
     finally:
         if services is not None:
             services.stop()

@@ -111,3 +111,5 @@ def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
     assert not (tmp_path / "stack.json").exists()
     log = (tmp_path / "infer.log").read_text()
     assert '"event": "worker_stopped"' in log  # the worker got SIGTERM and drained, not SIGKILL
+    assert "where the data lives" in result.stderr
+    assert (tmp_path / "stats.log").exists() and (tmp_path / "store.log").exists()
