@@ -129,8 +129,10 @@ async def publish(
             frame = await asyncio.to_thread(next, frames, None)
             if frame is None:
                 break
+            if index == 0:
+                paced_from = time.monotonic()  # pace from the first frame, not from opening the source
             if rate:
-                delay = started + index / rate - time.monotonic()
+                delay = paced_from + index / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             camera = index % cameras
