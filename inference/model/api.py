@@ -1,0 +1,312 @@
+"""The batched inference API: the one object the worker, `lineguard eval` and the benchmarks use.
+
+This is orchestration: it holds per-product state (reference memory, prompts, calibration), batches
+frames through the encoder once, runs the decoder per product and turns maps into verdicts. The
+tensor work lives in encoders.py, decoder.py, prompt_learner.py and lvlm.py.
+
+Example:
+    >>> model = InspectionModel()                                   # efficientnet-lite0, CPU or CUDA
+    >>> model.add_references("bottle", [good_bgr])                  # 1-shot; threshold is derived here
+    >>> [(verdict, anomaly_map)] = model.score([Frame(image_bgr, "bottle")])
+    >>> verdict.is_anomalous, verdict.positions, anomaly_map.shape
+    (True, ['top left'], (512, 512))
+    >>> model.answer([model.score([Frame(image_bgr, "bottle")])[0]])
+    ['Yes, there is an anomaly in the image, at the top left of the image.']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from .decoder import AnomalyDecoder, DecoderConfig, ReferenceMemory, augment_views, state_prompts
+from .encoders import EncoderConfig, build_encoder
+from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, make_verdict
+
+MODEL_VERSION = "fewshot-memory-1"
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig | None = None   # None = the encoder family's defaults (see default_decoder)
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)
+    device: str = "auto"                   # "auto" = CUDA when available, else CPU
+    precision: str = "auto"                # "auto" = bf16/fp16 on CUDA, fp32 on CPU; or fp32|fp16|bf16
+    batch_size: int = 16                   # frames per encoder pass
+    n_jitter: int = 8                      # re-shot reference views for the threshold (few-shot)
+    seed: int = 0
+    llm: str | None = None                 # causal LM dir or .gguf for answers; None = SmolLM2-135M GGUF
+
+
+def default_decoder(encoder) -> DecoderConfig:
+    """CNN: memory on strides 8 and 16 with 3x3 local context (PatchCore); ViT: all 4 taps, raw tokens
+    (AnomalyGPT)."""
+    if len(set(encoder.stage_dims)) == 1:
+        return DecoderConfig(memory_stages=(0, 1, 2, 3), neighbourhood=1)
+    return DecoderConfig()
+
+
+@dataclass
+class Frame:
+    """A decoded frame: (H, W, 3) BGR or (H, W) grey uint8, any size."""
+
+    image: np.ndarray
+    product: str
+    mm_per_px: float | None = None
+
+
+@dataclass
+class ScoredFrame:
+    """One result of `score`; unpacks as `(verdict, anomaly_map)`."""
+
+    verdict: ModelVerdict
+    anomaly_map: np.ndarray          # (H, W) float32 at frame resolution
+    product: str
+    embedding: np.ndarray            # (D,) the encoder's global embedding, for the LVLM's image token
+
+    def __iter__(self):
+        return iter((self.verdict, self.anomaly_map))
+
+    # the worker reads verdict fields straight off the result
+    score = property(lambda self: self.verdict.score)
+    threshold = property(lambda self: self.verdict.threshold)
+    is_anomalous = property(lambda self: self.verdict.is_anomalous)
+    confidence = property(lambda self: self.verdict.confidence)
+    regions = property(lambda self: self.verdict.regions)
+    positions = property(lambda self: self.verdict.positions)
+
+
+@dataclass
+class ProductState:
+    memory: ReferenceMemory | None
+    calibration: Calibration
+    prompts: torch.Tensor | None       # (2, D) unit-norm [normal, abnormal] text embeddings
+    semantic_offset: float
+    references: list[np.ndarray]
+
+
+class InspectionModel:
+    """Few-shot anomaly inspection of mixed-product frame batches, with AnomalyGPT-style answers.
+
+    Args:
+        config: encoder, decoder, verdict and runtime settings; defaults run efficientnet-lite0.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        self.config = config = config or ModelConfig()
+        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if config.device == "auto" else config.device))
+        self.dtype = _precision(config.precision, self.device)
+        self.encoder = build_encoder(config.encoder).to(self.device, self.dtype).eval()
+        if self.device.type == "cuda" and not self.encoder.has_text:
+            # depthwise convs read NHWC faster on tensor cores
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        self.decoder_config = config.decoder or default_decoder(self.encoder)
+        token_head = self.encoder.token_head() if hasattr(self.encoder, "token_head") else None
+        self.decoder = AnomalyDecoder(self.decoder_config, self.encoder.stage_dims, self.encoder.text_dim,
+                                      token_head).to(self.device).eval()
+        self.states: dict[str, ProductState] = {}
+        self._lvlm = None
+        self.version = f"{MODEL_VERSION}+{config.encoder.name.split(':')[0]}"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.encoder.image_size, self.encoder.image_size)
+
+    def products(self) -> set[str]:
+        return set(self.states)
+
+    # --- references ------------------------------------------------------------------------------
+
+    def add_references(self, product: str, images: list[np.ndarray]) -> Calibration:
+        """Add normal reference images of a product, rebuild its memory and re-derive its threshold."""
+        previous = self.states[product].references if product in self.states else []
+        return self.set_references(product, previous + list(images))
+
+    @torch.inference_mode()
+    def set_references(self, product: str, images: list[np.ndarray]) -> Calibration:
+        """Replace a product's references (k >= 0; k = 0 needs a text tower) and calibrate it."""
+        images = list(images)
+        prompts = self._prompts(product) if self.encoder.has_text else None
+        if not images:
+            if not self.decoder.semantic_active:
+                raise ValueError(f"{product}: zero-shot needs an encoder with a text tower; give references")
+            calibration = calibrate(np.array([]), "zero-shot", self.config.verdict)
+            self.states[product] = ProductState(None, calibration, prompts, 0.0, [])
+            return calibration
+        pixels = self.encoder.preprocess(images)                         # (k, 3, S, S) uint8
+        memory, semantic_offset = self._memory(pixels, prompts)
+        state = ProductState(memory, Calibration(1.0, 0.5, "pending"), prompts, semantic_offset, images)
+        calibration = self._calibrate(state, pixels, product)
+        state.calibration = calibration
+        self.states[product] = state
+        return calibration
+
+    def _memory(self, pixels: torch.Tensor, prompts: torch.Tensor | None) -> tuple[ReferenceMemory, float]:
+        k = pixels.shape[0]
+        augment = self.decoder_config.augment if k <= self.decoder_config.augment_max_references else "none"
+        views = augment_views(pixels, augment)                             # (k*views, 3, S, S)
+        offset = [0.0]
+
+        def stage_batches():
+            for batch in views.split(self.config.batch_size):
+                stages = self._encode(batch).patch_features
+                if prompts is not None and self.decoder.semantic_active:
+                    semantic = self.decoder.semantic([s.float() for s in stages],
+                                                     prompts.expand(batch.shape[0], -1, -1))
+                    offset[0] = max(offset[0], float(semantic.max()))
+                yield stages
+
+        memory = self.decoder.build_memory(stage_batches(), k, views.shape[0] // k, seed=self.config.seed)
+        return memory, offset[0]
+
+    def _calibrate(self, state: ProductState, pixels: torch.Tensor, product: str) -> Calibration:
+        """Score normal views the memory has not seen; see verdict.py for the rules."""
+        k = pixels.shape[0]
+        verdict_config = self.config.verdict
+        rng = np.random.default_rng([self.config.seed, _stable_hash(product)])
+        if k >= verdict_config.min_held_out:
+            n_held = min(16, math.ceil(k / 4))
+            held = rng.choice(k, n_held, replace=False)
+            rest = np.setdiff1d(np.arange(k), held)
+            memory, _ = self._memory(pixels[torch.from_numpy(rest)], state.prompts)
+            held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
+            scores = self._map_scores(pixels[torch.from_numpy(held)], held_state)
+            return calibrate(scores, "held-out", verdict_config)
+        views = np.stack([jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng)
+                          for i in range(max(self.config.n_jitter, k))])
+        scores = self._map_scores(torch.from_numpy(views).permute(0, 3, 1, 2), state)
+        return calibrate(scores, "jitter", verdict_config)
+
+    def _map_scores(self, pixels: torch.Tensor, state: ProductState) -> np.ndarray:
+        scores = []
+        for batch in pixels.split(self.config.batch_size):
+            maps = self._decode(self._encode(batch).patch_features, state)
+            scores.append(maps.flatten(1).amax(1).cpu().numpy())
+        return np.concatenate(scores)
+
+    def _prompts(self, product: str) -> torch.Tensor:
+        """(2, D) unit-norm mean embeddings of AnomalyGPT's normal and abnormal prompt ensembles."""
+        normal, abnormal = state_prompts(product)
+        embeddings = []
+        for group in (normal, abnormal):
+            text = torch.nn.functional.normalize(self.encoder.encode_text(group).float(), dim=-1)  # (N, D)
+            embeddings.append(torch.nn.functional.normalize(text.mean(0), dim=-1))
+        return torch.stack(embeddings)
+
+    # --- scoring ---------------------------------------------------------------------------------
+
+    def _encode(self, pixels: torch.Tensor):
+        pixels = pixels.to(self.device, non_blocking=True)
+        x = self.encoder.normalize(pixels).to(self.dtype)
+        if self.device.type == "cuda" and not self.encoder.has_text:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
+
+    def _decode(self, stages: list[torch.Tensor], state: ProductState) -> torch.Tensor:
+        prompts = None if state.prompts is None else state.prompts.expand(stages[0].shape[0], -1, -1)
+        return self.decoder(stages, state.memory, self.image_size, prompts, state.semantic_offset)[:, 0]
+
+    @torch.inference_mode()
+    def score(self, frames: list) -> list[ScoredFrame]:
+        """Frames of any products and sizes -> one ScoredFrame (verdict, anomaly map) per frame.
+
+        A frame is a `Frame`, anything with `.image`, `.product` (and optionally `.mm_per_px`), or a
+        `(product, image)` tuple. The encoder sees the whole batch at once; each product's frames then
+        meet that product's memory.
+        """
+        frames = [_as_frame(f) for f in frames]
+        unknown = {f.product for f in frames} - set(self.states)
+        if unknown:
+            raise KeyError(f"no references for product(s) {sorted(unknown)}: call add_references first")
+        results: list[ScoredFrame | None] = [None] * len(frames)
+        for start in range(0, len(frames), self.config.batch_size):
+            chunk = frames[start:start + self.config.batch_size]
+            out = self._encode(self.encoder.preprocess([f.image for f in chunk]))
+            embeddings = out.global_embedding.float().cpu().numpy()
+            for product in dict.fromkeys(f.product for f in chunk):
+                index = [i for i, f in enumerate(chunk) if f.product == product]
+                select = torch.tensor(index, device=self.device)
+                state = self.states[product]
+                maps = self._decode([s.index_select(0, select) for s in out.patch_features], state)
+                maps = maps.float().cpu().numpy()                           # (b, S, S)
+                for anomaly_map, i in zip(maps, index, strict=True):
+                    frame = chunk[i]
+                    H, W = frame.image.shape[:2]
+                    full = cv2.resize(anomaly_map, (W, H), interpolation=cv2.INTER_LINEAR)
+                    verdict = make_verdict(full, state.calibration, frame.mm_per_px, self.config.verdict)
+                    results[start + i] = ScoredFrame(verdict, full, product, embeddings[i])
+        return results  # type: ignore[return-value]
+
+    # --- answers ---------------------------------------------------------------------------------
+
+    @property
+    def lvlm(self):
+        """The language model wrapper, loaded on first use (answers are only asked for flagged frames)."""
+        if self._lvlm is None:
+            from .lvlm import AnomalyLVLM, LvlmConfig
+
+            self._lvlm = AnomalyLVLM(LvlmConfig(llm=self.config.llm), self.encoder.embed_dim,
+                                     device=self.device)
+        return self._lvlm
+
+    def answer(self, scored: list[ScoredFrame], questions: list[str] | str | None = None,
+               histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
+        """AnomalyGPT-style answers for the given (flagged) frames, in one batched generation.
+
+        `questions` defaults to "Is there any anomaly in the image?"; `histories` holds the earlier
+        (question, answer) turns of each conversation. Answers never contradict the verdicts.
+        """
+        return self.lvlm.answer(scored, questions, histories)
+
+    def explain(self, items: list[tuple[object, ScoredFrame]]) -> list[str]:
+        """The worker's hook: `(frame, scored)` pairs of flagged frames -> their first answers."""
+        return self.answer([scored for _, scored in items])
+
+
+AnomalyModel = InspectionModel
+
+
+def jitter(image: np.ndarray, rng: np.random.Generator, shift: float = 0.03, degrees: float = 5.0,
+           scale: float = 0.03, light: float = 0.05) -> np.ndarray:
+    """A reference as if shot again: small random pose and lighting change. (S, S, 3) uint8 -> same."""
+    H, W = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((W / 2, H / 2), rng.uniform(-degrees, degrees), 1 + rng.uniform(-scale, scale))
+    matrix[:, 2] += rng.uniform(-shift, shift, 2) * (W, H)
+    moved = cv2.warpAffine(image, matrix, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    lit = moved.astype(np.float32) * (1 + rng.uniform(-light, light)) + 255 * rng.uniform(-light, light)
+    return np.clip(lit, 0, 255).astype(np.uint8)
+
+
+def _as_frame(item) -> Frame:
+    if isinstance(item, Frame):
+        return item
+    if isinstance(item, tuple):
+        return Frame(item[1], item[0], item[2] if len(item) > 2 else None)
+    return Frame(item.image, item.product, getattr(item, "mm_per_px", None))
+
+
+def _precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    """(result, seconds) of one call; benchmarks use it."""
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - started
