@@ -290,9 +290,8 @@ def factual_answer(verdict, question: str | None) -> str:
         return first + detail.get(kind, "") + (_certainty(verdict) if kind == "confidence" else "")
     positions = verdict.positions
     if kind == "position" and positions:
-        where = " and ".join(f"the {p}" for p in positions)
         noun = "anomalies are" if len(positions) > 1 else "anomaly is"
-        return f"The {noun} at {where} of the image."
+        return f"The {noun} at the {' and '.join(positions)} of the image."
     if kind == "size" and verdict.regions:
         sizes = _sizes(verdict)
         noun = "anomalies cover" if len(sizes) > 1 else "anomaly covers"
@@ -321,8 +320,8 @@ def guard(reply: str, verdict, question: str | None) -> bool:
         return False
     if verdict.is_anomalous and _DENIAL.search(text):
         return False
-    if not verdict.is_anomalous and _CLAIM.search(text):
-        return False
+    if not verdict.is_anomalous and (_CLAIM.search(text) or not _DENIAL.search(text)):
+        return False  # on a normal frame every reply must still say there is nothing wrong
     named = _positions_in(text)
     if named - set(verdict.positions):
         return False
@@ -341,7 +340,7 @@ def guard(reply: str, verdict, question: str | None) -> bool:
             return False
     if kind == "confidence" and f"{verdict.confidence:.0%}" not in text:
         return False
-    topic = r"anomal|defect|flaw|damage|normal|image|part|region|score|threshold|confiden|scratch|crack|position"
+    topic = r"anomal|defect|flaw|damage|normal|region|score|threshold|confiden|scratch|crack|position"
     return bool(re.search(topic, text))
 
 
