@@ -340,8 +340,10 @@ def guard(reply: str, verdict, question: str | None) -> bool:
             return False
     if kind == "confidence" and f"{verdict.confidence:.0%}" not in text:
         return False
+    # on topic: it speaks of the inspection, or names the verdict's positions or figures
     topic = r"anomal|defect|flaw|damage|normal|region|score|threshold|confiden|scratch|crack|position"
-    return bool(re.search(topic, text))
+    figures = [str(r.area_px) for r in verdict.regions[:2]] + [f"{verdict.confidence:.0%}"]
+    return bool(re.search(topic, text) or named or any(figure in text for figure in figures))
 
 
 def _positions_in(text: str) -> set[str]:
