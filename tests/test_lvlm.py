@@ -109,10 +109,10 @@ def test_first_answers_agree_with_verdicts(lvlm):
 
 
 def test_batched_multi_turn_follow_ups_are_grounded(lvlm):
-    frames = [scored(ONE), scored(TWO, 1), scored(NORMAL, 2), scored(ONE, 3), scored(TWO, 4)]
-    questions = ["How big is it?", "Where are they?", "Where is it?", "How sure are you?", "What should I do?"]
+    frames = [scored(ONE), scored(TWO, 1), scored(NORMAL, 2), scored(ONE, 3)]
+    questions = ["How big is it?", "Where are they?", "Where is it?", "How sure are you?"]
     histories = [[(FIRST_QUESTION, first_answer(f.verdict))] for f in frames]
-    answers = lvlm.answer(frames, questions, histories)                 # one generate call for all five
+    answers = lvlm.answer(frames, questions, histories)                 # one generate call for all four
     assert len(answers) == len(frames)
     for frame, question, answer in zip(frames, questions, answers, strict=True):
         assert guard(answer, frame.verdict, question), (question, answer)
