@@ -53,15 +53,15 @@ def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def largest_region_position(mask: np.ndarray) -> str | None:
-    """The 3x3 grid word of the centroid of the largest connected region of a ground-truth mask."""
+    """The 3x3 grid word of the centre (bounding-box centre, as for predicted regions) of the largest
+    connected region of a ground-truth mask."""
     binary = (np.asarray(mask) > 0).astype(np.uint8)
-    n, _, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if n <= 1:
         return None
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    cx, cy = centroids[largest]
+    x, y, w, h, _ = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))]
     H, W = binary.shape
-    col, row = min(2, int(3 * cx / W)), min(2, int(3 * cy / H))
+    col, row = min(2, int(3 * (x + w / 2) / W)), min(2, int(3 * (y + h / 2) / H))
     return POSITIONS[row * 3 + col]
 
 

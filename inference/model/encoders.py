@@ -172,10 +172,7 @@ class ClipEncoder(Encoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         hf_config = AutoConfig.from_pretrained(path)
-        if config.pretrained:
-            model = AutoModel.from_pretrained(path)
-        else:
-            model = AutoModel.from_config(hf_config)
+        model = AutoModel.from_pretrained(path) if config.pretrained else AutoModel.from_config(hf_config)
         self.model = model.eval()
         self.vision = model.vision_model
         vision_config = hf_config.vision_config

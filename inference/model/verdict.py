@@ -2,7 +2,7 @@
 
 The threshold comes from the product's normal references alone (`calibrate`):
 
-- `held-out` (k >= 8 references): a quarter of the references (at most 16) is scored against a memory
+- `held-out` (k >= 8 references): leave-one-out over up to 8 folds, each fold scored against a memory
   of the others; they are genuine unseen normal parts, so threshold = mean + 3 std of their scores.
 - `jitter` (1 <= k < 8): too few references to hold any out. Each reference is re-shot with a small
   random pose and lighting change (not in the memory) and scored; a new normal part sits about 2x
@@ -13,10 +13,10 @@ The threshold comes from the product's normal references alone (`calibrate`):
 Confidence is a logistic in log-score, 0.5 at the threshold and 0.95 at the typical normal score, so
 it says how far a score is from the decision in units of the normal variation.
 
-Regions are connected components of the map with hysteresis: a component of map > low counts when its
-peak passes the threshold (low = geometric mean of the typical normal score and the threshold), so an
-anomalous frame always has a region and a normal one never does. The 1 or 2 regions with the largest
-anomaly mass give the position words (3x3 grid, as in AnomalyGPT's answers).
+Regions are the connected components of map > threshold: a pixel is anomalous when it scores higher
+than normal images score anywhere, so an anomalous frame always has a region and a normal one never
+does. A region's position is the 3x3 grid cell (AnomalyGPT's words) of its centre, the centre of its
+bounding box; the 1 or 2 regions with the largest anomaly mass give the verdict's position words.
 
 Example:
     >>> calibration = calibrate(np.array([0.05, 0.06, 0.05]), method="jitter")
@@ -54,11 +54,6 @@ class Calibration:
     method: str                      # "jitter", "held-out" or "zero-shot"
     n_samples: int = 0
     normal_sigmas: float = 3.0
-
-    @property
-    def region_floor(self) -> float:
-        """Low hysteresis threshold for region extent: geometric mean of normal score and threshold."""
-        return math.sqrt(max(self.normal_score, 1e-6) * self.threshold)
 
     def probability(self, score: float) -> float:
         """P(anomalous): logistic in log-score, 0.5 at the threshold, ~0.05 at the normal score."""
@@ -107,22 +102,17 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration,
                  mm_per_px: float | None = None) -> list[Region]:
     """Connected anomalous regions of an (H, W) map, largest anomaly mass first."""
     H, W = anomaly_map.shape
-    low = calibration.region_floor
-    mask = (anomaly_map > low).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    threshold = calibration.threshold
+    mask = (anomaly_map > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     found = []
     for label in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[label])
-        window = anomaly_map[y:y + h, x:x + w]
-        inside = labels[y:y + h, x:x + w] == label
-        peak = float(window[inside].max())
-        if peak <= calibration.threshold:
-            continue
-        mass = float((window[inside] - low).sum())
-        cx, cy = centroids[label]
+        values = anomaly_map[y:y + h, x:x + w][labels[y:y + h, x:x + w] == label]
+        mass = float((values - threshold).sum())
         region = Region(x=x, y=y, w=w, h=h, area_px=area,
                         area_mm2=None if mm_per_px is None else round(area * mm_per_px**2, 4),
-                        position=position_word(cx, cy, W, H), peak_score=round(peak, 6))
+                        position=position_word(x + w / 2, y + h / 2, W, H), peak_score=round(float(values.max()), 6))
         found.append((mass, region))
     found.sort(key=lambda item: -item[0])
     return [region for _, region in found]
