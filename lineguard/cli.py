@@ -356,6 +356,11 @@ grafana_app.command("push")(cli_command(grafana_push_command))
 grafana_app.command("generate")(cli_command(grafana_generate_command))
 bench_app.command("store")(cli_command(bench_store_command))
 
+# -- the anomaly model's evaluation (inference/cli.py imports torch only when it runs) ------------
+from inference.cli import eval_command  # noqa: E402
+
+app.command("eval")(cli_command(eval_command))
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
