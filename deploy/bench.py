@@ -25,7 +25,7 @@ import numpy as np
 from deploy.stack import EmbeddedStack
 from inference.outputs import heatmap_png
 from inference.worker import FrameInput, InferenceWorker, WorkerConfig
-from ingest.publisher import encode_jpeg
+from ingest.publisher import as_published, encode_jpeg
 from ingest.simulator import PRODUCTS, LineSimulator
 from lineguard.events import FrameMeta, Heatmap, Verdict, decode_frame, encode_frame
 from lineguard.kafka import ensure_topics, make_consumer, make_producer, start_client
@@ -35,7 +35,7 @@ from lineguard.topics import FRAMES, HEATMAPS, VERDICTS
 
 log = get_logger(__name__)
 
-REFERENCE_SHOTS = 2
+REFERENCE_SHOTS = 8
 
 
 def machine() -> str:
@@ -190,7 +190,8 @@ def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None
     model = build_scorer(encoder=encoder, device=device, text=False)
     simulator = LineSimulator(seed=123)
     for product in PRODUCTS:
-        model.set_references(product, simulator.normal_references(product, REFERENCE_SHOTS))
+        model.set_references(product, [as_published(image, 90)
+                                       for image in simulator.normal_references(product, REFERENCE_SHOTS)])
     batch_frames = _frames(frames, seed=1)
     naive_frames = _frames(max(16, frames // 4), seed=2)
     with tempfile.TemporaryDirectory() as state_dir:

@@ -21,7 +21,7 @@ from deploy.services import Services
 from deploy.stack import EmbeddedStack, free_port, running_stack
 from inference.monitor import watch_verdicts
 from inference.references import ReferenceStore
-from ingest.publisher import publish
+from ingest.publisher import as_published, publish
 from ingest.simulator import PRODUCTS, LineSimulator
 from ingest.sources import open_source
 from lineguard.logging import get_logger
@@ -30,18 +30,22 @@ from storage.demo import where_data_lives
 
 log = get_logger(__name__)
 
-REFERENCE_SHOTS = 2
+REFERENCE_SHOTS = 8
 WORKER_READY_TIMEOUT_S = 180.0
 
 
 def ensure_simulator_references(settings: Settings, size: int = 256) -> list[str]:
-    """Register k good simulated parts per product, unless the product already has references."""
+    """Register k good simulated parts per product, unless the product already has references.
+
+    They go through the same JPEG encoding as the published frames, as a camera's references would.
+    """
     store = ReferenceStore(settings.state_dir)
     simulator = LineSimulator(size=size)
     added = []
     for product in PRODUCTS:
         if not store.manifest(product):
-            images = simulator.normal_references(product, REFERENCE_SHOTS)
+            images = [as_published(image, settings.jpeg_quality)
+                      for image in simulator.normal_references(product, REFERENCE_SHOTS)]
             store.add_images(product, [(f"simulator:{product}:{i}", image) for i, image in enumerate(images)])
             added.append(product)
     return added

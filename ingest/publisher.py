@@ -68,6 +68,12 @@ def encode_jpeg(image: np.ndarray, quality: int, max_side: int | None = None) ->
     return buffer.tobytes(), width, height
 
 
+def as_published(image: np.ndarray, quality: int) -> np.ndarray:
+    """The image as a consumer of the frames topic sees it (after the JPEG round trip)."""
+    jpeg, _, _ = encode_jpeg(image, quality)
+    return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+
+
 def _frames(source, loop: bool) -> Iterator:
     while True:
         produced = False

@@ -356,15 +356,15 @@ def _scratch(rng: np.random.Generator, color: np.ndarray, alpha: np.ndarray, pos
     S = pose.size
     x0, y0 = _point_on_part(rng, alpha)
     heading = rng.uniform(0, 2 * np.pi)
-    length = rng.uniform(0.08, 0.40) * S
+    length = rng.uniform(0.20, 0.45) * S
     bend = rng.uniform(-0.25, 0.25) * length
     end = np.array([x0 + length * np.cos(heading), y0 + length * np.sin(heading)])
     start = np.array([x0, y0])
     control = (start + end) / 2 + bend * np.array([-np.sin(heading), np.cos(heading)])
     t = np.linspace(0, 1, 32)[:, None]
     curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t ** 2 * end  # quadratic Bezier, (32, 2)
-    thickness = 1 if rng.random() < 0.6 else 2
-    delta = rng.uniform(55, 95) if rng.random() < 0.6 else -rng.uniform(50, 85)
+    thickness = 3 if rng.random() < 0.6 else 4
+    delta = rng.uniform(100, 140) if rng.random() < 0.6 else -rng.uniform(90, 120)
 
     (left, top), (right, bottom) = curve.min(axis=0), curve.max(axis=0)
     y0, y1 = max(int(top) - 4, 0), min(int(bottom) + 5, S)
@@ -383,10 +383,10 @@ def _dent(rng: np.random.Generator, color: np.ndarray, alpha: np.ndarray, pose: 
     """An elliptical depression: darker in the middle, its wall facing the light brighter."""
     S = pose.size
     cx, cy = _point_on_part(rng, alpha)
-    a = rng.uniform(0.025, 0.075) * S
+    a = rng.uniform(0.06, 0.10) * S
     b = a * rng.uniform(0.5, 1.0)
     angle = rng.uniform(0, np.pi)
-    depth = rng.uniform(0.30, 0.50)
+    depth = rng.uniform(0.50, 0.70)
     y0, y1, x0, x1 = box = _box(cx, cy, a * 1.2, S)
     y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     x, y = x - cx, y - cy
@@ -407,7 +407,7 @@ def _missing_piece(rng: np.random.Generator, color: np.ndarray, alpha: np.ndarra
     """A chunk broken off the rim (disc) or an edge/corner (tile): the belt shows through."""
     S = pose.size
     x, y, normal = _point_on_outline(rng, pose)
-    radius = rng.uniform(0.045, 0.10) * S
+    radius = rng.uniform(0.10, 0.15) * S
     inward = radius * rng.uniform(0.0, 0.45)
     cx, cy = x - inward * np.cos(normal), y - inward * np.sin(normal)
     n = int(rng.integers(7, 13))
@@ -426,7 +426,7 @@ def _missing_piece(rng: np.random.Generator, color: np.ndarray, alpha: np.ndarra
 
 
 _STAINS = (  # (BGR colour, opacity range, blur as a fraction of the size)
-    ((30.0, 45.0, 40.0), (0.55, 0.80), 0.25),    # oily smear
+    ((30.0, 45.0, 40.0), (0.70, 0.90), 0.25),    # oily smear
     ((35.0, 80.0, 165.0), (0.65, 0.90), 0.15),   # rust
     ((175.0, 95.0, 35.0), (0.75, 0.95), 0.08),   # blue paint/fibre
     ((60.0, 150.0, 50.0), (0.65, 0.90), 0.10),   # green coolant residue
@@ -439,7 +439,7 @@ def _contamination(rng: np.random.Generator, color: np.ndarray, alpha: np.ndarra
     S = pose.size
     cx, cy = _point_on_part(rng, alpha)
     stain_color, opacity_range, softness = _STAINS[rng.integers(len(_STAINS))]
-    size = rng.uniform(0.02, 0.07) * S
+    size = rng.uniform(0.06, 0.10) * S
     sigma = max(0.6, size * softness)
     y0, y1, x0, x1 = box = _box(cx, cy, size * 1.7 + 3 * sigma + 2, S)
     canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)

@@ -23,7 +23,7 @@ from deploy.demo import ensure_simulator_references
 from deploy.stack import free_port
 from inference.offsets import OffsetTracker
 from inference.worker import InferenceWorker, WorkerConfig
-from ingest.publisher import publish
+from ingest.publisher import as_published, publish
 from ingest.sources import open_source
 from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_frame
 from lineguard.kafka import make_consumer, make_producer, start_client
@@ -60,8 +60,8 @@ def model():
 
     scorer = build_scorer(device="cpu")
     simulator = LineSimulator()
-    for product in ("disc", "tile"):
-        scorer.set_references(product, simulator.normal_references(product, 2))
+    for product in ("disc", "tile"):  # references as the camera publishes them (JPEG), like the frames
+        scorer.set_references(product, [as_published(image, 90) for image in simulator.normal_references(product, 8)])
     return scorer
 
 
@@ -250,7 +250,7 @@ def test_exactly_one_verdict_per_frame_across_a_worker_crash(refs_settings, tmp_
 
 
 def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
-    settings, n = refs_settings, 120
+    settings, n = refs_settings, 240
     port_a, port_b = free_port(), free_port()
     worker_a = start_worker_process(settings, tmp_path, "a", port_a)
     worker_b = None
@@ -258,7 +258,7 @@ def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
         wait_until(lambda: healthy(port_a), 120, "worker a")
 
         async def line():
-            await publish(open_source("simulator", seed=9), settings, cameras=6, limit=n, rate=6)
+            await publish(open_source("simulator", seed=9), settings, cameras=6, limit=n, rate=8)
 
         thread = threading.Thread(target=lambda: asyncio.run(line()))
         thread.start()

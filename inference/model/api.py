@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -173,13 +172,14 @@ class InspectionModel:
         verdict_config = self.config.verdict
         rng = np.random.default_rng([self.config.seed, _stable_hash(product)])
         if k >= verdict_config.min_held_out:
-            n_held = min(16, math.ceil(k / 4))
-            held = rng.choice(k, n_held, replace=False)
-            rest = np.setdiff1d(np.arange(k), held)
-            memory, _ = self._memory(pixels[torch.from_numpy(rest)], state.prompts)
-            held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
-            scores = self._map_scores(pixels[torch.from_numpy(held)], held_state)
-            return calibrate(scores, "held-out", verdict_config)
+            # leave-one-out over up to 8 folds: each held-out reference is a genuinely unseen normal part
+            scores = []
+            for held in np.array_split(rng.permutation(k), min(k, 8)):
+                rest = np.setdiff1d(np.arange(k), held)
+                memory, _ = self._memory(pixels[torch.from_numpy(rest)], state.prompts)
+                held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
+                scores.append(self._map_scores(pixels[torch.from_numpy(held)], held_state))
+            return calibrate(np.concatenate(scores), "held-out", verdict_config)
         views = np.stack([jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng)
                           for i in range(max(self.config.n_jitter, k))])
         scores = self._map_scores(torch.from_numpy(views).permute(0, 3, 1, 2), state)

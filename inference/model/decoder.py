@@ -47,7 +47,7 @@ class DecoderConfig:
     memory_stages: tuple[int, ...] = (1, 2)  # encoder stages in the memory; CNN: strides 8 and 16 (PatchCore)
     neighbourhood: int = 3                   # average each patch with its k x k neighbours (local context)
     augment: str = "dihedral"                # reference views: "dihedral" (8), "rotate" (4), "none" (1)
-    augment_max_references: int = 16        # more references than this carry their own variation: no views
+    augment_max_references: int = 4         # more references than this carry their own variation: no views
     smoothing_sigma: float = 4.0             # Gaussian on the final map, in input pixels
     max_memory: int = 262_144                # patches per stage; beyond, a seeded random subset
     semantic_weight: float = 1.0             # weight of the text/prototype map next to the memory map
