@@ -29,7 +29,7 @@ MAX_PIXELS = 4_000_000
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Image-level AUROC in percent; labels 1 = defective. NaN when only one class is present."""
     labels = np.asarray(labels).astype(int)
-    if labels.min(initial=0) == labels.max(initial=0):
+    if np.unique(labels).size < 2:
         return float("nan")
     return 100.0 * float(roc_auc_score(labels, np.asarray(scores, np.float64)))
 

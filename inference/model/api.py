@@ -180,17 +180,19 @@ class InspectionModel:
                 held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
                 scores.append(self._map_scores(pixels[torch.from_numpy(held)], held_state))
             return calibrate(np.concatenate(scores), "held-out", verdict_config)
-        views = np.stack([jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng)
-                          for i in range(max(self.config.n_jitter, k))])
-        scores = self._map_scores(torch.from_numpy(views).permute(0, 3, 1, 2), state)
+        shots = [jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng) for i in range(max(self.config.n_jitter, k))]
+        views = torch.from_numpy(np.stack([view for view, _ in shots])).permute(0, 3, 1, 2)
+        scores = self._map_scores(views, state, np.stack([valid for _, valid in shots]))
         return calibrate(scores, "jitter", verdict_config)
 
-    def _map_scores(self, pixels: torch.Tensor, state: ProductState) -> np.ndarray:
-        scores = []
-        for batch in pixels.split(self.config.batch_size):
-            maps = self._decode(self._encode(batch).patch_features, state)
-            scores.append(maps.flatten(1).amax(1).cpu().numpy())
-        return np.concatenate(scores)
+    def _map_scores(self, pixels: torch.Tensor, state: ProductState, valid: np.ndarray | None = None) -> np.ndarray:
+        """Image scores of (N, 3, S, S) views; `valid` (N, S, S) bool limits each maximum to real content."""
+        maps = [self._decode(self._encode(batch).patch_features, state).float().cpu().numpy()
+                for batch in pixels.split(self.config.batch_size)]
+        maps = np.concatenate(maps)                                       # (N, S, S)
+        if valid is not None:
+            maps = np.where(valid, maps, -np.inf)
+        return maps.reshape(len(maps), -1).max(1)
 
     def _prompts(self, product: str) -> torch.Tensor:
         """(2, D) unit-norm mean embeddings of AnomalyGPT's normal and abnormal prompt ensembles."""
@@ -275,14 +277,24 @@ AnomalyModel = InspectionModel
 
 
 def jitter(image: np.ndarray, rng: np.random.Generator, shift: float = 0.03, degrees: float = 5.0,
-           scale: float = 0.03, light: float = 0.05) -> np.ndarray:
-    """A reference as if shot again: small random pose and lighting change. (S, S, 3) uint8 -> same."""
+           scale: float = 0.03, light: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """A reference as if shot again: small random pose and lighting change.
+
+    (S, S, 3) uint8 -> the view (S, S, 3) uint8 and where it shows real content (S, S) bool: pixels the
+    warp filled in from outside the frame, and a margin of 5% around them, are not a part's surface and
+    must not set the threshold.
+    """
     H, W = image.shape[:2]
     matrix = cv2.getRotationMatrix2D((W / 2, H / 2), rng.uniform(-degrees, degrees), 1 + rng.uniform(-scale, scale))
     matrix[:, 2] += rng.uniform(-shift, shift, 2) * (W, H)
     moved = cv2.warpAffine(image, matrix, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    inside = cv2.warpAffine(np.ones((H, W), np.uint8), matrix, (W, H), flags=cv2.INTER_NEAREST,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    margin = max(1, round(0.05 * max(H, W)))
+    inside = cv2.erode(inside, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8), borderType=cv2.BORDER_CONSTANT,
+                       borderValue=0)
     lit = moved.astype(np.float32) * (1 + rng.uniform(-light, light)) + 255 * rng.uniform(-light, light)
-    return np.clip(lit, 0, 255).astype(np.uint8)
+    return np.clip(lit, 0, 255).astype(np.uint8), inside.astype(bool)
 
 
 def _as_frame(item) -> Frame:

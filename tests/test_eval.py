@@ -1,0 +1,83 @@
+"""`lineguard eval` on a tiny MVTec-layout folder made here from simulated parts: greyscale and RGB
+images of different sizes, masks for the defect types."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from inference.eval import evaluate, parse_shots
+from ingest.simulator import LineSimulator
+from lineguard.cli import app
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec") / "disc"
+    sim = LineSimulator(products=("disc",), size=160, seed=3)
+    sizes = [(160, 160), (200, 180), (128, 128)]
+
+    def write(path, image, index):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = sizes[index % len(sizes)]
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST if image.ndim == 2 else cv2.INTER_AREA)
+        if index % 2 and image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)                    # greyscale files too
+        cv2.imwrite(str(path), image)
+
+    for i, image in enumerate(sim.normal_references("disc", 3)):
+        write(root / "train" / "good" / f"{i:03d}.png", image, i)
+    for i in range(3):
+        write(root / "test" / "good" / f"{i:03d}.png", sim.part(50 + i, "disc", None).image, i)
+    for defect in ("scratch", "missing_piece"):
+        for i in range(3):
+            part = sim.part(10 * i, "disc", defect)
+            write(root / "test" / defect / f"{i:03d}.png", part.image, i)
+            write(root / "ground_truth" / defect / f"{i:03d}_mask.png", part.mask, i)
+    return root
+
+
+def test_eval_command_prints_one_json_object(mvtec):
+    result = CliRunner().invoke(app, ["eval", "--data", str(mvtec), "--shots", "1", "--seeds", "2",
+                                      "--size", "128", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)                     # nothing but the object on stdout
+    for key in ("image_auroc", "pixel_auroc", "accuracy", "location_accuracy"):
+        assert 0.0 <= report[key] <= 100.0 and f"{key}_std" in report
+    assert set(report["per_defect_type"]) == {"scratch", "missing_piece"}
+    assert report["n_test"] == 9 and report["n_defective"] == 6 and report["shots"] == 1 and report["seeds"] == 2
+    assert report["seconds"] > 0 and report["images_per_second"] > 0
+    assert report["pixel_auroc"] > 80.0
+
+
+def test_eval_all_shots_and_per_seed_runs(mvtec):
+    report = evaluate(mvtec, shots="all", seeds=1, image_size=96, device="cpu")
+    assert report["shots"] == "all" and report["runs"][0]["references"] == "all"
+    assert report["runs"][0]["calibration"] == "jitter"      # 3 references: too few to hold out
+
+
+def test_eval_rejects_bad_shots(mvtec):
+    assert parse_shots("all") is None and parse_shots("2") == 2
+    with pytest.raises(ValueError):
+        parse_shots(-1)
+    with pytest.raises(ValueError):
+        evaluate(mvtec, shots=5, image_size=96, device="cpu")   # only 3 normal training images
+    result = CliRunner().invoke(app, ["eval", "--data", str(mvtec), "--shots", "0", "--size", "96",
+                                      "--device", "cpu"])
+    assert result.exit_code != 0                               # zero-shot needs a text tower
+    assert "text tower" in result.output
+
+
+def test_masks_follow_image_size(mvtec):
+    from inference.eval import read_image, read_mask, test_set
+
+    for item in test_set(mvtec):
+        image = read_image(item.path)
+        mask = read_mask(item, image.shape[:2])
+        assert mask.shape == image.shape[:2] and mask.dtype == bool
+        assert mask.any() == (item.defect_type != "good")
+    assert np.unique([read_image(t.path).ndim for t in test_set(mvtec)]).tolist() == [2, 3]

@@ -1,0 +1,141 @@
+"""The default model (efficientnet-lite0 from its pip package) on simulated parts: the reference memory
+finds defects, results have the right shapes and are deterministic, and the threshold comes from the
+references alone."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from inference import metrics
+from inference.model.api import Frame, InspectionModel, ModelConfig, ScoredFrame
+from inference.model.encoders import EncoderConfig
+from ingest.simulator import LineSimulator
+from lineguard.events import POSITIONS, Verdict
+
+SIZE = 192  # simulated frames; the encoder sees 224 px so the tests stay fast on 2 cores
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return LineSimulator(products=("disc", "tile"), defect_rate=0.5, size=SIZE, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model(sim):
+    model = InspectionModel(ModelConfig(encoder=EncoderConfig(image_size=224), device="cpu", batch_size=8))
+    for product in ("disc", "tile"):
+        model.add_references(product, sim.normal_references(product, 1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def parts(sim):
+    """Per product: 12 defective parts (3 of each type) and 6 good ones, not the references."""
+    out = {}
+    for product in ("disc", "tile"):
+        bad = [sim.part(i, product, t) for i, t in enumerate(["scratch", "dent", "missing_piece", "contamination"] * 3)]
+        good = [sim.part(100 + i, product, None) for i in range(6)]
+        out[product] = bad + good
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored(model, parts):
+    frames = [Frame(p.image, p.product, 0.25) for product in parts for p in parts[product]]
+    return frames, model.score(frames)
+
+
+def test_memory_bank_finds_synthetic_defects(parts, scored):
+    frames, results = scored
+    by_product = {}
+    for frame, result, part in zip(frames, results, [p for ps in parts.values() for p in ps], strict=True):
+        by_product.setdefault(frame.product, []).append((part, result))
+    for product, pairs in by_product.items():
+        masks = [part.mask for part, _ in pairs]
+        maps = [result.anomaly_map for _, result in pairs]
+        pixel = metrics.pixel_auroc(masks, maps)
+        assert pixel > 90.0, f"{product}: pixel AUROC {pixel:.1f}"
+        labels = np.array([part.defect_type is not None for part, _ in pairs])
+        image = metrics.image_auroc(labels, np.array([r.verdict.score for _, r in pairs]))
+        assert image > 80.0, f"{product}: image AUROC {image:.1f}"
+        # on the parts it flags, the hottest pixel lies on (or right next to) the defect
+        hits = []
+        for part, result in pairs:
+            if part.defect_type is None or not result.verdict.is_anomalous:
+                continue
+            y, x = np.unravel_index(np.argmax(result.anomaly_map), result.anomaly_map.shape)
+            near = cv2.dilate(part.mask, np.ones((25, 25), np.uint8))
+            hits.append(bool(near[y, x]))
+        assert hits and np.mean(hits) >= 0.75, f"{product}: peak on defect in {np.mean(hits):.0%}"
+
+
+def test_results_match_frames_and_map_events(scored):
+    frames, results = scored
+    assert len(results) == len(frames)
+    for frame, result in zip(frames, results, strict=True):
+        assert isinstance(result, ScoredFrame) and result.product == frame.product
+        verdict, anomaly_map = result                       # unpacks as (verdict, map)
+        assert anomaly_map.shape == frame.image.shape[:2] and anomaly_map.dtype == np.float32
+        assert verdict.score == pytest.approx(float(anomaly_map.max()))
+        assert verdict.is_anomalous == (verdict.score > verdict.threshold) == bool(verdict.regions)
+        assert 0.5 <= verdict.confidence <= 1.0
+        assert len(verdict.positions) <= 2 and set(verdict.positions) <= set(POSITIONS)
+        for region in verdict.regions:
+            assert region.peak_score > verdict.threshold
+            assert region.area_mm2 == pytest.approx(region.area_px * 0.25**2, rel=1e-3)
+            assert 0 <= region.x < region.x + region.w <= frame.image.shape[1]
+        # the verdict's fields are the event contract's
+        Verdict(frame_id="f", line_id="l", camera_id="c", product=frame.product, captured_at="2026-01-01T00:00:00Z",
+                model_version="test", **verdict.event_fields())
+
+
+def test_any_size_grey_or_colour_and_mixed_products(model, sim):
+    disc = sim.part(7, "disc", "scratch").image
+    tile = sim.part(8, "tile", None).image
+    frames = [
+        Frame(disc, "disc"),
+        Frame(cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY), "tile"),             # (H, W) grey
+        ("disc", cv2.resize(disc, (300, 170))),                           # tuple, non-square
+        Frame(cv2.resize(tile, (97, 131))[:, :, :1], "tile"),              # (H, W, 1)
+    ]
+    results = model.score(frames)
+    assert [r.product for r in results] == ["disc", "tile", "disc", "tile"]
+    assert [r.anomaly_map.shape for r in results] == [(SIZE, SIZE), (SIZE, SIZE), (170, 300), (131, 97)]
+    assert all(r.embedding.shape == (model.encoder.embed_dim,) for r in results)
+    with pytest.raises(KeyError):
+        model.score([Frame(disc, "unknown-product")])
+
+
+def test_deterministic_and_batch_independent(model, parts):
+    frames = [Frame(p.image, p.product) for p in parts["disc"][:3] + parts["tile"][:2]]
+    once = model.score(frames)
+    again = model.score(frames)
+    alone = [model.score([f])[0] for f in frames]
+    for a, b, c in zip(once, again, alone, strict=True):
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)
+        np.testing.assert_allclose(a.anomaly_map, c.anomaly_map, rtol=1e-4, atol=1e-5)
+        assert a.verdict == b.verdict
+
+
+def test_threshold_comes_from_references_only(sim):
+    model = InspectionModel(ModelConfig(encoder=EncoderConfig(image_size=128), device="cpu"))
+    references = sim.normal_references("disc", 2)
+    first = model.set_references("disc", references)
+    assert first.method == "jitter" and first.threshold > first.normal_score > 0
+    # scoring anything, defects included, never moves it
+    model.score([Frame(sim.part(i, "disc", "dent").image, "disc") for i in range(4)])
+    assert model.states["disc"].calibration == first
+    # the same references give the same threshold in a fresh model; other references another one
+    fresh = InspectionModel(ModelConfig(encoder=EncoderConfig(image_size=128), device="cpu"))
+    assert fresh.set_references("disc", references).threshold == pytest.approx(first.threshold)
+    other = fresh.set_references("disc", sim.normal_references("disc", 3)[1:])
+    assert other.threshold != pytest.approx(first.threshold)
+    # enough references: some are held out and scored as unseen normal parts
+    many = fresh.set_references("disc", sim.normal_references("disc", 8))
+    assert many.method == "held-out" and many.n_samples == 8
+    # add_references appends and recalibrates
+    fresh.set_references("tile", sim.normal_references("tile", 1))
+    fresh.add_references("tile", sim.normal_references("tile", 2)[1:])
+    assert fresh.states["tile"].memory.n_references == 2
