@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .decoder import AnomalyDecoder, DecoderConfig, ReferenceMemory, augment_views, state_prompts
-from .encoders import EncoderConfig, build_encoder
+from .encoders import EncoderConfig, EncoderOutput, build_encoder
 from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, make_verdict
 
 MODEL_VERSION = "fewshot-memory-1"
@@ -38,7 +38,8 @@ class ModelConfig:
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
     device: str = "auto"                   # "auto" = CUDA when available, else CPU
     precision: str = "auto"                # "auto" = bf16/fp16 on CUDA, fp32 on CPU; or fp32|fp16|bf16
-    batch_size: int = 16                   # frames per encoder pass
+    batch_size: int = 16                   # frames per call of the model (and per encoder pass on CUDA)
+    cpu_micro_batch: int = 2               # frames per encoder pass on a CPU: bigger batches fall out of cache
     n_jitter: int = 8                      # re-shot reference views for the threshold (few-shot)
     seed: int = 0
     llm: str | None = None                 # causal LM dir or .gguf for answers; None = SmolLM2-135M GGUF
@@ -108,6 +109,8 @@ class InspectionModel:
             # depthwise convs read NHWC faster on tensor cores
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         self.decoder_config = config.decoder or default_decoder(self.encoder)
+        if config.decoder is None and self.device.type == "cuda":
+            self.decoder_config.query_chunk = 1 << 26   # a GPU wants big similarity blocks
         token_head = self.encoder.token_head() if hasattr(self.encoder, "token_head") else None
         self.decoder = AnomalyDecoder(self.decoder_config, self.encoder.stage_dims, self.encoder.text_dim,
                                       token_head).to(self.device).eval()
@@ -205,7 +208,12 @@ class InspectionModel:
 
     # --- scoring ---------------------------------------------------------------------------------
 
-    def _encode(self, pixels: torch.Tensor):
+    def _encode(self, pixels: torch.Tensor) -> EncoderOutput:
+        """uint8 (B, 3, S, S) -> EncoderOutput; on a CPU in micro-batches, which run faster per frame."""
+        if self.device.type == "cpu" and pixels.shape[0] > self.config.cpu_micro_batch:
+            parts = [self._encode(p) for p in pixels.split(self.config.cpu_micro_batch)]
+            return EncoderOutput(torch.cat([p.global_embedding for p in parts]),
+                                 [torch.cat(stage) for stage in zip(*(p.patch_features for p in parts), strict=True)])
         pixels = pixels.to(self.device, non_blocking=True)
         x = self.encoder.normalize(pixels).to(self.dtype)
         if self.device.type == "cuda" and not self.encoder.has_text:

@@ -52,7 +52,8 @@ class DecoderConfig:
     max_memory: int = 262_144                # patches per stage; beyond, a seeded random subset
     semantic_weight: float = 1.0             # weight of the text/prototype map next to the memory map
     temperature: float = 100.0               # softmax(100 * cos) as in CLIP and AnomalyGPT
-    query_chunk: int = 1 << 25               # elements of one query x memory similarity block
+    query_chunk: int = 1 << 20               # elements of one query x memory similarity block: 4 MB stays
+                                             # in cache on a CPU (3x faster than 128 MB); CUDA takes more
 
 
 # --- reference memory ----------------------------------------------------------------------------
