@@ -53,6 +53,7 @@ from lineguard.topics import FRAMES, HEATMAPS, MODEL_UPDATES, VERDICTS
 log = get_logger(__name__)
 
 GROUP_ID = "lineguard-inference"
+JOIN_TIMEOUT_S = 60.0
 DEAD_LETTER_PAYLOAD_LIMIT = 256 * 1024
 
 
@@ -156,7 +157,9 @@ class InferenceWorker:
         self.consumer = AIOKafkaConsumer(**consumer_kwargs(self.settings, self.config.group_id)
                                          | {"max_poll_records": self.config.max_batch})
         self.consumer.subscribe([self.settings.topic(FRAMES)], listener=_Rebalance(self))
-        await start_client(self.settings, self.consumer)
+        # start() also joins the group: a join waits for every member to rejoin (up to the rebalance
+        # timeout, longer than a plain connect) and for a dead member's session to expire
+        await start_client(self.settings, self.consumer, timeout_s=JOIN_TIMEOUT_S)
         decode_q: asyncio.Queue = asyncio.Queue(self.config.queue_batches)
         score_q: asyncio.Queue = asyncio.Queue(self.config.queue_batches)
         publish_q: asyncio.Queue = asyncio.Queue(self.config.queue_batches)

@@ -71,9 +71,16 @@ def worker_env(settings) -> dict:
                                "LINEGUARD_STATE_DIR": str(settings.state_dir), "LINEGUARD_LOG_JSON": "1"}
 
 
+def group(settings) -> str:
+    """This test's own consumer group: a worker SIGKILLed by another test stays in a shared group
+    until its session times out, and would hold up every later join."""
+    return f"inference-{settings.topic_prefix}"
+
+
 def start_worker_process(settings, tmp_path, name: str, port: int) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port), "--no-text"],
+    return subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port), "--no-text",
+                             "--group-id", group(settings)],
                             env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -131,7 +138,8 @@ def published_ids(settings) -> list[str]:
 
 
 async def _run_worker_until(settings, model, expect_verdicts: int, produce, config=None, timeout_s=120):
-    worker = InferenceWorker(settings, model, config or WorkerConfig(max_batch=8, max_wait_ms=30, explain=False))
+    worker = InferenceWorker(settings, model, config or WorkerConfig(max_batch=8, max_wait_ms=30, explain=False,
+                                                                      group_id=group(settings)))
     task = asyncio.create_task(worker.run())
     await produce()
     deadline = time.monotonic() + timeout_s
@@ -285,7 +293,7 @@ def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
 
 
 async def _lag(settings) -> int:
-    consumer = make_consumer(settings, group_id="lineguard-inference")  # no subscription: only reads commits
+    consumer = make_consumer(settings, group_id=group(settings))  # no subscription: only reads commits
     await start_client(settings, consumer)
     try:
         partitions = [TopicPartition(settings.topic(FRAMES), p) for p in range(6)]
@@ -315,9 +323,12 @@ def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_
         cv2.imwrite(str(paths[-1]), image)
 
     async def scenario():
-        worker = InferenceWorker(settings, model, WorkerConfig(max_batch=4, max_wait_ms=20, explain=False))
+        worker = InferenceWorker(settings, model, WorkerConfig(max_batch=4, max_wait_ms=20, explain=False,
+                                                               group_id=group(settings)))
         task = asyncio.create_task(worker.run())
         while not worker.ready:
+            if task.done():
+                task.result()
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # the model-updates watcher has joined
 
