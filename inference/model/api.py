@@ -39,7 +39,8 @@ class ModelConfig:
     device: str = "auto"                   # "auto" = CUDA when available, else CPU
     precision: str = "auto"                # "auto" = bf16/fp16 on CUDA, fp32 on CPU; or fp32|fp16|bf16
     batch_size: int = 16                   # frames per call of the model (and per encoder pass on CUDA)
-    cpu_micro_batch: int = 2               # frames per encoder pass on a CPU: bigger batches fall out of cache
+    cpu_micro_batch: int = 1               # frames per pass on a CPU: bigger batches fall out of cache and run
+                                           # no faster per frame (measured in `lineguard bench stream`)
     n_jitter: int = 8                      # re-shot reference views for the threshold (few-shot)
     seed: int = 0
     llm: str | None = None                 # causal LM dir or .gguf for answers; None = SmolLM2-135M GGUF
@@ -237,8 +238,9 @@ class InspectionModel:
         if unknown:
             raise KeyError(f"no references for product(s) {sorted(unknown)}: call add_references first")
         results: list[ScoredFrame | None] = [None] * len(frames)
-        for start in range(0, len(frames), self.config.batch_size):
-            chunk = frames[start:start + self.config.batch_size]
+        step = self.config.cpu_micro_batch if self.device.type == "cpu" else self.config.batch_size
+        for start in range(0, len(frames), step):
+            chunk = frames[start:start + step]
             out = self._encode(self.encoder.preprocess([f.image for f in chunk]))
             embeddings = out.global_embedding.float().cpu().numpy()
             for product in dict.fromkeys(f.product for f in chunk):
