@@ -209,7 +209,7 @@ def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None
                 asyncio.run(ensure_topics(settings))
                 return settings
 
-            # the model alone before and after the Kafka phases: the spread shows the machine's drift
+            # the model alone before and after the Kafka phases (this shared machine's speed drifts)
             fps_raw = [model_raw_fps(model, batch_frames, max_batch)]
             fps_single = [model_raw_fps(model, naive_frames, 1)]
             fps_pipeline = asyncio.run(pipeline_fps(phase("pipeline"), model, batch_frames, max_batch))
