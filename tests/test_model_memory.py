@@ -139,3 +139,28 @@ def test_threshold_comes_from_references_only(sim):
     fresh.set_references("tile", sim.normal_references("tile", 1))
     fresh.add_references("tile", sim.normal_references("tile", 2)[1:])
     assert fresh.states["tile"].memory.n_references == 2
+
+
+def test_folded_batchnorm_encoder_matches_the_original_network():
+    """The encoder folds its frozen BatchNorms into the convs; its stage taps must not change."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from inference.model.encoders import build_encoder, efficientnet_weights_path
+
+    encoder = build_encoder(EncoderConfig()).eval()
+    original = EfficientNet.from_name("efficientnet-lite0", image_size=None).eval()
+    original.load_state_dict(torch.load(efficientnet_weights_path("efficientnet-lite0"), map_location="cpu",
+                                        weights_only=True))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        folded = encoder(x)
+        y = original._swish(original._bn0(original._conv_stem(x)))
+        taps = []
+        for i, block in enumerate(original._blocks):
+            y = block(y)
+            if i in encoder.taps:
+                taps.append(y)
+    for ours, theirs in zip(folded.patch_features, taps, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
