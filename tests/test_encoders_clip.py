@@ -90,3 +90,21 @@ def test_inspection_model_scores_with_clip_and_allows_zero_shot(clip_dir, pretra
     assert calibration.method == "zero-shot"
     [(verdict, anomaly_map)] = model.score([("bottle", part.image)])
     assert anomaly_map.shape == part.image.shape[:2] and 0.0 <= verdict.score <= 1.0
+
+
+def test_random_vision_tower_of_a_named_size_runs_the_whole_model():
+    """`random:<size>` builds a vision tower with random weights (speed benchmarks of ViT-H/14 etc.)."""
+    from inference.model.api import Frame
+
+    encoder = build_encoder(EncoderConfig(name="random:vit-tiny"))
+    assert encoder.stage_dims == (64, 64, 64, 64) and encoder.embed_dim == 32 and not encoder.has_text
+    assert encoder.layers == (1, 2, 3, 4)
+    model = InspectionModel(ModelConfig(encoder=EncoderConfig(name="random:vit-tiny"), device="cpu"))
+    simulator = LineSimulator(products=("tile",), seed=3)
+    model.set_references("tile", simulator.normal_references("tile", 2))
+    frames = [Frame(simulator.part(i).image, "tile") for i in range(3)]
+    scored = model.score(frames)
+    assert [s.anomaly_map.shape for s in scored] == [f.image.shape[:2] for f in frames]
+    assert all(s.embedding.shape == (32,) and 0 <= s.confidence <= 1 for s in scored)
+    with pytest.raises(ValueError, match="random:<vit-h-14"):
+        build_encoder(EncoderConfig(name="random:vit-giant"))

@@ -6,6 +6,7 @@ An encoder turns a batch of pixels into a global embedding and patch features fr
     efficientnet-lite0 / efficientnet-lite2   CNN from pip packages, strides 4, 8, 16, 32; no text tower
     clip:<dir>                                 any CLIP/SigLIP checkpoint in a local directory (transformers)
     imagebind:<dir>                            a ViT-H/14 in CLIP format, tapped at blocks 8, 16, 24, 32
+    random:vit-h-14 (vit-b-16, vit-tiny)       a vision tower of that size with random weights: speed only
 
 Example:
     >>> encoder = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=224))
@@ -193,15 +194,22 @@ class ClipEncoder(Encoder):
     into the same space.
     """
 
-    def __init__(self, config: EncoderConfig, path: str, default_layers: tuple[int, ...] | None = None):
+    def __init__(self, config: EncoderConfig, path: str | None, default_layers: tuple[int, ...] | None = None,
+                 random_vision: dict | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        hf_config = AutoConfig.from_pretrained(path)
-        model = AutoModel.from_pretrained(path) if config.pretrained else AutoModel.from_config(hf_config)
+        if random_vision is not None:  # a vision tower of a given size, random weights, no files
+            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            hf_config = vision_config = CLIPVisionConfig(**random_vision)
+            model = CLIPVisionModelWithProjection(hf_config)
+        else:
+            hf_config = AutoConfig.from_pretrained(path)
+            model = AutoModel.from_pretrained(path) if config.pretrained else AutoModel.from_config(hf_config)
+            vision_config = hf_config.vision_config
         self.model = model.eval()
         self.vision = model.vision_model
-        vision_config = hf_config.vision_config
         self.patch_size = vision_config.patch_size
         self.image_size = config.image_size or vision_config.image_size
         depth = vision_config.num_hidden_layers
@@ -250,13 +258,13 @@ class ClipEncoder(Encoder):
         return getattr(out, "pooler_output", out)           # (N, D)
 
 
-def _clip_normalisation(path: str, hf_config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _clip_normalisation(path: str | None, hf_config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean/std (0..255 units) from the checkpoint's image processor, else the family's defaults."""
     import json
     from pathlib import Path
 
-    processor_file = Path(path) / "preprocessor_config.json"
-    if processor_file.exists():
+    processor_file = Path(path or "") / "preprocessor_config.json"
+    if path and processor_file.exists():
         processor = json.loads(processor_file.read_text())
         if "image_mean" in processor and "image_std" in processor:
             return (tuple(255.0 * m for m in processor["image_mean"]),
@@ -268,10 +276,20 @@ def _clip_normalisation(path: str, hf_config) -> tuple[tuple[float, ...], tuple[
 
 
 IMAGEBIND_LAYERS = (8, 16, 24, 32)
+# random:<name> vision towers, for speed benchmarks of encoder sizes whose weights cannot be had here
+RANDOM_VISION = {
+    # ImageBind's / OpenCLIP's ViT-H/14: 32 blocks of width 1280, 632M parameters
+    "vit-h-14": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                 "patch_size": 14, "image_size": 224, "projection_dim": 1024},
+    "vit-b-16": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "patch_size": 16, "image_size": 224, "projection_dim": 512},
+    "vit-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "patch_size": 16, "image_size": 64, "projection_dim": 32},
+}
 
 
 def build_encoder(config: EncoderConfig) -> Encoder:
-    """Encoder from a name: efficientnet-lite0|efficientnet-lite2|clip:<dir>|imagebind:<dir>."""
+    """Encoder from a name: efficientnet-lite0|efficientnet-lite2|clip:<dir>|imagebind:<dir>|random:<size>."""
     name = config.name
     if name.startswith("efficientnet-"):
         return EfficientNetLiteEncoder(config)
@@ -279,5 +297,7 @@ def build_encoder(config: EncoderConfig) -> Encoder:
         return ClipEncoder(config, name.split(":", 1)[1])
     if name.startswith("imagebind:"):
         return ClipEncoder(config, name.split(":", 1)[1], default_layers=IMAGEBIND_LAYERS)
-    raise ValueError(f"unknown encoder {name!r}: use efficientnet-lite0, efficientnet-lite2, "
-                     "clip:<dir> or imagebind:<dir>")
+    if name.startswith("random:") and name.split(":", 1)[1] in RANDOM_VISION:
+        return ClipEncoder(config, None, random_vision=RANDOM_VISION[name.split(":", 1)[1]])
+    raise ValueError(f"unknown encoder {name!r}: use efficientnet-lite0, efficientnet-lite2, clip:<dir>, "
+                     f"imagebind:<dir> or random:<{'|'.join(RANDOM_VISION)}> (random weights, for speed only)")
