@@ -164,3 +164,20 @@ def test_folded_batchnorm_encoder_matches_the_original_network():
                 taps.append(y)
     for ours, theirs in zip(folded.patch_features, taps, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_coreset_keeps_rare_normal_patches():
+    """A coreset of a bank dominated by one kind of patch still holds the rare kinds (k-center greedy)."""
+    import torch
+
+    from inference.model.decoder import greedy_coreset
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=1)
+    counts = (2000, 4, 4)
+    bank = torch.cat([c + 0.01 * torch.randn(n, 16, generator=g) for c, n in zip(centres, counts, strict=True)])
+    bank = torch.nn.functional.normalize(bank, dim=1)
+    picked = greedy_coreset(bank, 12, torch.Generator().manual_seed(1))
+    assert len(set(picked.tolist())) == 12
+    kinds = {0 if i < 2000 else 1 if i < 2004 else 2 for i in picked.tolist()}
+    assert kinds == {0, 1, 2}

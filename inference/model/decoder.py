@@ -50,6 +50,8 @@ class DecoderConfig:
     augment_max_references: int = 4         # more references than this carry their own variation: no views
     smoothing_sigma: float = 4.0             # Gaussian on the final map, in input pixels
     max_memory: int = 262_144                # patches per stage; beyond, a seeded random subset
+    coreset: float = 0.25                    # keep this share of each bank, picked greedily (PatchCore)
+    coreset_min: int = 2048                  # banks this small are kept whole
     semantic_weight: float = 1.0             # weight of the text/prototype map next to the memory map
     temperature: float = 100.0               # softmax(100 * cos) as in CLIP and AnomalyGPT
     query_chunk: int = 1 << 20               # elements of one query x memory similarity block: 4 MB stays
@@ -103,6 +105,22 @@ def nearest_distance(query: torch.Tensor, bank: torch.Tensor, chunk: int) -> tor
     rows = max(1, chunk // max(1, bank.shape[0]))
     best = torch.cat([(block @ bank.T).amax(dim=1) for block in flat.split(rows)])  # (B*h*w,)
     return (1.0 - best.float()).clamp_min(0).view(B, 1, h, w)
+
+
+def greedy_coreset(bank: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `size` rows of `bank` (M, C) that cover it: each pick is the row farthest from those
+    already picked (k-center greedy, as PatchCore), so rare normal patches survive and repeats go."""
+    M = bank.shape[0]
+    first = int(torch.randint(M, (1,), generator=generator))
+    picked = torch.empty(size, dtype=torch.long)
+    picked[0] = first
+    # unit-norm rows: cosine distance = 1 - dot; keep each row's distance to its nearest pick
+    nearest = 1.0 - bank @ bank[first]
+    for i in range(1, size):
+        index = int(torch.argmax(nearest))
+        picked[i] = index
+        nearest = torch.minimum(nearest, 1.0 - bank @ bank[index])
+    return picked.to(bank.device)
 
 
 # --- semantic branches ---------------------------------------------------------------------------
@@ -210,6 +228,9 @@ class AnomalyDecoder(nn.Module):
             if bank.shape[0] > self.config.max_memory:
                 keep = torch.randperm(bank.shape[0], generator=generator)[: self.config.max_memory]
                 bank = bank[keep.to(bank.device)]
+            size = max(self.config.coreset_min, round(self.config.coreset * bank.shape[0]))
+            if size < bank.shape[0]:
+                bank = bank[greedy_coreset(bank, size, generator)]
             banks.append(bank.contiguous())
         return ReferenceMemory(banks, n_references, n_views)
 
