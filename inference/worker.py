@@ -7,7 +7,7 @@ model never waits for I/O and a slow stage pushes back on the fetch:
     decode   FrameMeta + JPEG → image, bad frames → dead letters            (thread pool)
     score    model.score(batch of mixed products)                           (model thread)
     publish  Verdict + Heatmap → send, await acks                           (event loop + PNG thread)
-    explain  flagged frames only: batched LVLM text, then their Verdict     (text thread)
+    explain  flagged frames only: the answer (model.explain), then Verdict  (text thread)
 
 Commit rule: an offset is committed only when the broker acknowledged the outputs (verdict and
 heatmap, or the dead letter) of every frame before it in its partition (`OffsetTracker`).

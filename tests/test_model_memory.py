@@ -181,3 +181,17 @@ def test_greedy_coreset_keeps_rare_normal_patches():
     assert len(set(picked.tolist())) == 12
     kinds = {0 if i < 2000 else 1 if i < 2004 else 2 for i in picked.tolist()}
     assert kinds == {0, 1, 2}
+
+
+def test_opening_answers_come_from_the_verdict_without_loading_the_llm(model, scored):
+    """The worker asks only the opening question: it must not wait for (or hold) a language model."""
+    _, results = scored
+    answers = model.answer(results)
+    assert model._lvlm is None
+    for result, answer in zip(results, answers, strict=True):
+        if result.verdict.is_anomalous:
+            assert answer.startswith("Yes, there"), answer
+            assert all(position in answer for position in result.verdict.positions)
+        else:
+            assert answer == "No, there is no anomaly in the image."
+    assert model.answer(results[:1], "Is there any anomaly in the image?") == answers[:1]

@@ -274,8 +274,15 @@ class InspectionModel:
         """AnomalyGPT-style answers for the given (flagged) frames, in one batched generation.
 
         `questions` defaults to "Is there any anomaly in the image?"; `histories` holds the earlier
-        (question, answer) turns of each conversation. Answers never contradict the verdicts.
+        (question, answer) turns of each conversation. Answers never contradict the verdicts. The
+        opening question is answered from the verdict alone, so the LLM is loaded only for follow-ups.
         """
+        from .lvlm import first_answer, is_first_question
+
+        if questions is None or isinstance(questions, str):
+            questions = [questions] * len(scored)
+        if all(is_first_question(q) for q in questions):
+            return [first_answer(s.verdict) for s in scored]
         return self.lvlm.answer(scored, questions, histories)
 
     def explain(self, items: list[tuple[object, ScoredFrame]]) -> list[str]:

@@ -183,7 +183,8 @@ class AnomalyLVLM(nn.Module):
         histories = histories or [[] for _ in scored]
         if not len(questions) == len(histories) == len(scored):
             raise ValueError("need one question and one history per scored frame")
-        answers = [first_answer(s.verdict) if _is_first(q) else None for s, q in zip(scored, questions, strict=True)]
+        answers = [first_answer(s.verdict) if is_first_question(q) else None
+                   for s, q in zip(scored, questions, strict=True)]
         todo = [i for i, a in enumerate(answers) if a is None]
         if todo:
             replies = self.generate([scored[i] for i in todo], [questions[i] for i in todo],
@@ -216,7 +217,8 @@ class AnomalyLVLM(nn.Module):
 
 # --- facts, templates and the guard ----------------------------------------------------------------
 
-def _is_first(question: str | None) -> bool:
+def is_first_question(question: str | None) -> bool:
+    """Is this AnomalyGPT's opening question (or none), which the verdict alone answers?"""
     return question is None or _words(question) == _words(FIRST_QUESTION)
 
 
