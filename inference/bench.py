@@ -85,6 +85,62 @@ def accuracy_table(data: Path) -> tuple[str, dict]:
 ROUNDS = 3
 
 
+def scoring_speed(model, frames: list, rounds: int = ROUNDS, single: int = 32) -> tuple[float, float, list]:
+    """(batched images/s, one-frame-per-call images/s, scored frames): best of `rounds` interleaved runs,
+    since a shared machine's speed drifts between runs."""
+    model.score(frames[:4])                                    # warm-up
+    model.score(frames[:1])
+    batched_fps = single_fps = 0.0
+    scored: list = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        scored = model.score(frames)
+        batched_fps = max(batched_fps, len(frames) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for frame in frames[:single]:
+            model.score([frame])
+        single_fps = max(single_fps, min(single, len(frames)) / (time.perf_counter() - t0))
+    return batched_fps, single_fps, scored
+
+
+def text_speed(model, flagged: list) -> dict:
+    """Per flagged frame: the templated first answer, a follow-up batched in one `generate`, and a
+    follow-up one frame per call; plus the LLM's load time and an example reply."""
+    t0 = time.perf_counter()
+    lvlm = model.lvlm
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    first = model.answer(flagged)
+    first_ms = 1000 * (time.perf_counter() - t0) / len(flagged)
+    histories = [[("Is there any anomaly in the image?", a)] for a in first]
+    model.answer(flagged[:1], [FOLLOW_UP], histories[:1])      # warm-up, both shapes (a GPU tunes per shape)
+    model.answer(flagged, [FOLLOW_UP] * len(flagged), histories)
+    t0 = time.perf_counter()
+    replies = model.answer(flagged, [FOLLOW_UP] * len(flagged), histories)
+    batched_ms = 1000 * (time.perf_counter() - t0) / len(flagged)
+    singles = min(4, len(flagged))
+    t0 = time.perf_counter()
+    for s, h in zip(flagged[:singles], histories[:singles], strict=True):
+        model.answer([s], [FOLLOW_UP], [h])
+    single_ms = 1000 * (time.perf_counter() - t0) / singles
+    return {"load_s": load_s, "first_ms": first_ms, "batched_ms": batched_ms, "single_ms": single_ms,
+            "n": len(flagged), "max_new_tokens": lvlm.config.max_new_tokens,
+            "llm": Path(getattr(lvlm.config, "llm", None) or "SmolLM2-135M-Instruct.Q4_1.gguf").name,
+            "example": replies[0].replace("|", "/").replace("\n", " ") if replies else ""}
+
+
+def text_rows(text: dict, where: str) -> list[str]:
+    return [
+        f"| first answer per flagged frame (templated from the verdict, no LLM) | {text['first_ms']:.2f} ms | "
+        f"{text['single_ms']:.0f} ms an LLM reply | {_times(text['single_ms'] / max(text['first_ms'], 1e-6))} "
+        "cheaper |",
+        f"| follow-up answer per flagged frame ({text['llm']}, {text['n']} frames in one `generate`, "
+        f"max {text['max_new_tokens']} new tokens, {where}) | {text['batched_ms']:.0f} ms | "
+        f"{text['single_ms']:.0f} ms one frame per call | {text['single_ms'] / text['batched_ms']:.2f}x |",
+        f"| LLM load (once per process, GGUF dequantised by transformers) | {text['load_s']:.1f} s | | |",
+    ]
+
+
 def speed_table(data: Path) -> str:
     """Batched scoring vs one frame at a time; text per flagged frame, batched vs one at a time."""
     import torch
@@ -95,53 +151,20 @@ def speed_table(data: Path) -> str:
     model = InspectionModel(ModelConfig(device="cpu", batch_size=16))
     train = list_images(data / "train" / "good")
     model.set_references("bottle", [read_image(train[0])])
-    tests = test_set(data)
-    frames = [("bottle", read_image(t.path)) for t in tests][:64]
-    model.score(frames[:4])                                    # warm-up
-    batched = single = 0.0
-    for _ in range(ROUNDS):  # interleaved, best of each: this shared machine's speed drifts between runs
-        t0 = time.perf_counter()
-        scored = model.score(frames)
-        batched = max(batched, len(frames) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        for frame in frames[:32]:
-            model.score([frame])
-        single = max(single, 32 / (time.perf_counter() - t0))
-
-    flagged = [s for s in scored if s.verdict.is_anomalous][:8]
-    t0 = time.perf_counter()
-    lvlm = model.lvlm
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    first = model.answer(flagged)
-    first_ms = 1000 * (time.perf_counter() - t0) / len(flagged)
-    histories = [[("Is there any anomaly in the image?", a)] for a in first]
-    model.answer(flagged[:1], [FOLLOW_UP], histories[:1])      # warm-up
-    t0 = time.perf_counter()
-    replies = model.answer(flagged, [FOLLOW_UP] * len(flagged), histories)
-    batched_ms = 1000 * (time.perf_counter() - t0) / len(flagged)
-    t0 = time.perf_counter()
-    for s, h in zip(flagged[:4], histories[:4], strict=True):
-        model.answer([s], [FOLLOW_UP], [h])
-    single_ms = 1000 * (time.perf_counter() - t0) / 4
-    llm_name = Path(getattr(lvlm.config, "llm", None) or "SmolLM2-135M-Instruct.Q4_1.gguf").name
+    frames = [("bottle", read_image(t.path)) for t in test_set(data)][:64]
+    batched, single, scored = scoring_speed(model, frames)
+    text = text_speed(model, [s for s in scored if s.verdict.is_anomalous][:8])
     rows = [
         "| figure | value | baseline (same run) | ratio |",
         "|---|---|---|---|",
         f"| scoring, batched (batch 16, {len(frames)} bottle frames 512 px → 320 px, lite0, CPU fp32; best of "
         f"{ROUNDS} interleaved runs) | "
         f"{batched:.1f} images/s | {single:.1f} images/s one frame per call | {batched / single:.2f}x |",
-        f"| first answer per flagged frame (templated from the verdict, no LLM) | {first_ms:.2f} ms | "
-        f"{single_ms:.0f} ms an LLM reply | {_times(single_ms / max(first_ms, 1e-6))} cheaper |",
-        f"| follow-up answer per flagged frame ({llm_name}, {len(flagged)} frames in one `generate`, "
-        f"max {lvlm.config.max_new_tokens} new tokens, CPU) | {batched_ms:.0f} ms | {single_ms:.0f} ms one frame "
-        f"per call | {single_ms / batched_ms:.2f}x |",
-        f"| LLM load (once per process, GGUF dequantised by transformers) | {load_s:.1f} s | | |",
+        *text_rows(text, "CPU"),
     ]
-    example = replies[0].replace("|", "/").replace("\n", " ") if replies else ""
-    gpu = ("GPU: not measured in this run (no CUDA device on the benchmark machine); with one, `InspectionModel` "
-           "runs the encoder in bf16/fp16, channels-last for the CNN.") if not torch.cuda.is_available() else ""
-    return "\n".join(rows) + f"\n\nExample follow-up: *{FOLLOW_UP}* → \"{example}\"\n\n{gpu}\n"
+    gpu = ("GPU: not measured in this run (no CUDA device on the benchmark machine); `lineguard bench gpu` "
+           "measures it, in its own section below.") if not torch.cuda.is_available() else ""
+    return "\n".join(rows) + f"\n\nExample follow-up: *{FOLLOW_UP}* → \"{text['example']}\"\n\n{gpu}\n"
 
 
 def _times(ratio: float) -> str:

@@ -26,7 +26,8 @@ def map_to_u8(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
 
 def heatmap_png(anomaly_map: np.ndarray, threshold: float, max_side: int = HEATMAP_MAX_SIDE) -> bytes:
     """Single-channel 8-bit PNG of the map, longer side at most max_side."""
-    ok, png = cv2.imencode(".png", _fit(map_to_u8(anomaly_map, threshold), max_side))
+    # shrink first: the map is at frame resolution, the PNG at most max_side
+    ok, png = cv2.imencode(".png", map_to_u8(_fit(anomaly_map.astype(np.float32), max_side), threshold))
     if not ok:
         raise ValueError("PNG encoding failed")
     return png.tobytes()

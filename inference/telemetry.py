@@ -16,6 +16,9 @@ class WorkerMetrics:
                                     registry=self.registry)
         self.batch_size = Histogram("lineguard_batch_size", "Frames per fetched batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.model_batch_size = Histogram("lineguard_model_batch_size", "Frames per model call (fetched batches "
+                                          "that waited for the model are merged)",
+                                          buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.model_seconds = Histogram("lineguard_model_seconds", "Model time per batch", buckets=LATENCY_BUCKETS,
                                        registry=self.registry)
         self.text_seconds = Histogram("lineguard_text_seconds", "LVLM time per text batch", buckets=LATENCY_BUCKETS,
@@ -24,6 +27,11 @@ class WorkerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.consumer_lag = Gauge("lineguard_consumer_lag", "Frames on assigned partitions not yet committed",
                                   registry=self.registry)
+
+    def mean_model_batch(self) -> float:
+        samples = {s.name: s.value for metric in self.model_batch_size.collect() for s in metric.samples}
+        count = samples.get("lineguard_model_batch_size_count", 0.0)
+        return samples.get("lineguard_model_batch_size_sum", 0.0) / count if count else 0.0
 
     def frames_total(self) -> float:
         return sum(sample.value for metric in self.frames.collect() for sample in metric.samples

@@ -18,6 +18,7 @@ SIGTERM the worker stops fetching, finishes what it holds, commits and leaves th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,8 @@ class WorkerConfig:
     text_batch: int = 8
     group_id: str = GROUP_ID
     queue_batches: int = 2            # batches buffered between stages
+    model_threads: int | None = None  # model calls in flight; None = 2 on CUDA (one batch's CPU pre/post-
+                                      # processing overlaps the next one's GPU work), 1 on a CPU
     drain_timeout_s: float = 30.0
     http_port: int | None = None      # /healthz and /metrics; None = off
     explain: bool = True              # attach LVLM answers to flagged verdicts
@@ -125,7 +128,9 @@ class InferenceWorker:
         self.references = ReferenceStore(settings.state_dir)
         self.tracker = OffsetTracker()
         self.decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
-        self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        device = getattr(getattr(model, "device", None), "type", "cpu")
+        self.model_threads = self.config.model_threads or (2 if device == "cuda" else 1)
+        self.model_pool = ThreadPoolExecutor(self.model_threads, thread_name_prefix="model")
         self.text_pool = ThreadPoolExecutor(1, thread_name_prefix="text")
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
@@ -265,23 +270,75 @@ class InferenceWorker:
         return None
 
     async def _score_stage(self, score_q: asyncio.Queue, publish_q: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
-        while (items := await score_q.get()) is not None:
-            started = time.monotonic()
-            results = await loop.run_in_executor(self.model_pool, self.model.score, [i.frame for i in items])
-            model_ms = (time.monotonic() - started) * 1000
-            for item, scored in zip(items, results, strict=True):
-                item.scored = scored
-                item.latency["model_ms"] = model_ms
-                item.latency["queue_ms"] = max(0.0, (started - item.fetched_at) * 1000 - item.latency["decode_ms"])
-            self.metrics.model_seconds.observe(model_ms / 1000)
-            await publish_q.put(items)
+        """Score decoded frames, `model_threads` batches in flight, and pass them on in fetch order.
+
+        Batches that were decoded while the model was busy are merged, up to max_batch frames, so a
+        busy model runs full batches instead of a queue of small ones."""
+        in_flight: collections.deque[tuple[list[Item], asyncio.Future]] = collections.deque()
+        pending: list[Item] = []
+        ended = False
+        while True:
+            if not pending and not ended:
+                if in_flight:  # hand on finished batches while waiting for the next frames
+                    getter = asyncio.ensure_future(score_q.get())
+                    try:
+                        while in_flight and not getter.done():
+                            await asyncio.wait([getter, in_flight[0][1]], return_when=asyncio.FIRST_COMPLETED)
+                            while in_flight and in_flight[0][1].done():
+                                await self._scored(*in_flight.popleft(), publish_q)
+                        batch = await getter
+                    finally:
+                        getter.cancel()
+                else:
+                    batch = await score_q.get()
+                if batch is None:
+                    ended = True
+                else:
+                    pending.extend(batch)
+            while len(pending) < self.config.max_batch and not ended and not score_q.empty():
+                if (batch := score_q.get_nowait()) is None:
+                    ended = True
+                else:
+                    pending.extend(batch)
+            if not pending:
+                break
+            items, pending = pending[:self.config.max_batch], pending[self.config.max_batch:]
+            if len(in_flight) >= self.model_threads:
+                await self._scored(*in_flight.popleft(), publish_q)
+            future = asyncio.get_running_loop().run_in_executor(self.model_pool, self._timed_score,
+                                                                [i.frame for i in items])
+            in_flight.append((items, future))
+        while in_flight:
+            await self._scored(*in_flight.popleft(), publish_q)
         await publish_q.put(None)
 
+    def _timed_score(self, frames: list) -> tuple[list, float, float]:
+        """In the model thread: (results, start, end) on the monotonic clock, so a batch that waited for
+        a free model thread is not charged for the wait."""
+        started = time.monotonic()
+        results = self.model.score(frames)
+        return results, started, time.monotonic()
+
+    async def _scored(self, items: list[Item], future: asyncio.Future, publish_q: asyncio.Queue) -> None:
+        results, started, ended = await future
+        model_ms = (ended - started) * 1000
+        for item, scored in zip(items, results, strict=True):
+            item.scored = scored
+            item.latency["model_ms"] = model_ms
+            item.latency["queue_ms"] = max(0.0, (started - item.fetched_at) * 1000 - item.latency["decode_ms"])
+        self.metrics.model_seconds.observe(model_ms / 1000)
+        self.metrics.model_batch_size.observe(len(items))
+        await publish_q.put(items)
+
     async def _publish_stage(self, publish_q: asyncio.Queue, text_q: asyncio.Queue) -> None:
+        """Up to queue_batches + 1 batches encode their heatmaps and wait for acks at once; each hands its
+        records to the producer only after the batch before it did, so outputs keep the fetch order."""
         pending: set[asyncio.Task] = set()
+        turn: asyncio.Event | None = None
         while (items := await publish_q.get()) is not None:
-            task = asyncio.create_task(self._publish_batch(items, text_q))
+            sent = asyncio.Event()
+            task = asyncio.create_task(self._publish_batch(items, text_q, turn, sent))
+            turn = sent
             pending.add(task)
             task.add_done_callback(pending.discard)
             if len(pending) > self.config.queue_batches:
@@ -290,19 +347,26 @@ class InferenceWorker:
             await asyncio.gather(*pending)
         await text_q.put(None)
 
-    async def _publish_batch(self, items: list[Item], text_q: asyncio.Queue) -> None:
+    async def _publish_batch(self, items: list[Item], text_q: asyncio.Queue, turn: asyncio.Event | None = None,
+                             sent: asyncio.Event | None = None) -> None:
         started = time.monotonic()
-        heatmaps = await asyncio.to_thread(lambda: [self._heatmap(item) for item in items])
         sends = []
         flagged = []
-        for item, heatmap in zip(items, heatmaps, strict=True):
-            key = item.meta.camera_id.encode()
-            sends.append(await self.producer.send(self.settings.topic(HEATMAPS), heatmap.to_bytes(), key=key))
-            if item.scored.is_anomalous and self.config.explain:
-                flagged.append(item)
-            else:
-                sends.append(await self.producer.send(self.settings.topic(VERDICTS),
-                                                      self._verdict(item, started).to_bytes(), key=key))
+        try:
+            heatmaps = await asyncio.to_thread(lambda: [self._heatmap(item) for item in items])
+            if turn is not None:
+                await turn.wait()   # the batch before this one has handed its records to the producer
+            for item, heatmap in zip(items, heatmaps, strict=True):
+                key = item.meta.camera_id.encode()
+                sends.append(await self.producer.send(self.settings.topic(HEATMAPS), heatmap.to_bytes(), key=key))
+                if item.scored.is_anomalous and self.config.explain:
+                    flagged.append(item)
+                else:
+                    sends.append(await self.producer.send(self.settings.topic(VERDICTS),
+                                                          self._verdict(item, started).to_bytes(), key=key))
+        finally:
+            if sent is not None:
+                sent.set()
         await asyncio.gather(*sends)
         flagged_ids = {id(item) for item in flagged}
         for item in items:

@@ -201,7 +201,7 @@ def infer(
     from inference.worker import InferenceWorker, WorkerConfig
 
     settings = _settings()
-    scorer = build_scorer(encoder=encoder, device=device, text=text)
+    scorer = build_scorer(encoder=encoder, device=device, text=text, batch_size=max_batch)
     config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
                           http_port=None if http_port < 0 else http_port)
     worker = InferenceWorker(settings, scorer, config)
@@ -283,6 +283,28 @@ def bench_stream(
     else:
         for key, value in result.items():
             typer.echo(f"{key}: {value}")
+
+
+@bench_app.command("gpu")
+@cli_command
+def bench_gpu(
+    output: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file whose gpu section is rewritten."),
+    device: str = typer.Option("cuda", help="cuda, cuda:N (cpu only to try the benchmark itself)."),
+    encoder: str = typer.Option("random:vit-h-14", help="Encoder of the stream run and the first speed row."),
+    frames: int = typer.Option(2000, min=32, help="Frames per stream phase."),
+    batch: int = typer.Option(32, min=1, help="Worker batch and encoder pass size."),
+) -> None:
+    """The GPU section of BENCHMARKS.md: ViT-H/14-size and lite0 scoring speed, LLM cost, stream benchmark."""
+    import torch
+
+    from deploy.bench import write_gpu_section
+
+    _settings()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device here; this benchmark needs one (or --device cpu to try it)",
+                                 param_hint="--device")
+    write_gpu_section(output, echo=lambda text: typer.echo(text, err=True), device=device, encoder=encoder,
+                      frames=frames, batch=batch)
 
 
 @bench_app.command("all")
