@@ -195,3 +195,32 @@ def test_opening_answers_come_from_the_verdict_without_loading_the_llm(model, sc
         else:
             assert answer == "No, there is no anomaly in the image."
     assert model.answer(results[:1], "Is there any anomaly in the image?") == answers[:1]
+
+
+def test_learned_prototypes_find_defects_they_never_saw(model, parts):
+    """Without a text tower the semantic branch is learned per product, from the one reference and
+    simulated anomalies pasted onto it: alone, it already points at the simulator's real defect types,
+    which it never saw; untrained (random) prototypes do not."""
+    import torch
+
+    from inference.model.synthetic import simulate_anomaly
+
+    image = parts["disc"][0].image
+    anomalous, mask = simulate_anomaly(image, np.random.default_rng(0), "blob")
+    assert mask.any() and np.abs(anomalous.astype(int) - image).max(-1)[mask].min() >= 12
+
+    def branch_auroc(product: str, prototypes) -> float:
+        bad = [p for p in parts[product] if p.defect_type is not None]
+        with torch.inference_mode():
+            stages = model._encode(model.encoder.preprocess([p.image for p in bad])).patch_features
+            semantic = model.decoder.semantic(stages, prototypes)
+        maps = [cv2.resize(m, (SIZE, SIZE)) for m in semantic[:, 0].numpy()]
+        return metrics.pixel_auroc([p.mask for p in bad], maps)
+
+    for product in ("disc", "tile"):
+        learned = model.states[product].prompts
+        assert isinstance(learned, list) and [p.shape for p in learned] == [(2, c) for c in model.encoder.stage_dims]
+        generator = torch.Generator().manual_seed(0)
+        random = [torch.randn(2, c, generator=generator) for c in model.encoder.stage_dims]
+        trained, untrained = branch_auroc(product, learned), branch_auroc(product, random)
+        assert trained > 70.0 and trained > untrained + 15, f"{product}: {trained:.1f} vs random {untrained:.1f}"

@@ -26,9 +26,10 @@ import torch
 
 from .decoder import AnomalyDecoder, DecoderConfig, ReferenceMemory, augment_views, state_prompts
 from .encoders import EncoderConfig, EncoderOutput, build_encoder
+from .synthetic import simulate_batch
 from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, make_verdict
 
-MODEL_VERSION = "fewshot-memory-1"
+MODEL_VERSION = "fewshot-memory-2"
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ModelConfig:
     cpu_micro_batch: int = 1               # frames per pass on a CPU: bigger batches fall out of cache and run
                                            # no faster per frame (measured in `lineguard bench stream`)
     n_jitter: int = 8                      # re-shot reference views for the threshold (few-shot)
+    prototype_views: int = 16              # simulated-anomaly views that teach the learned prototypes
+    prototype_steps: int = 150             # optimiser steps of the prototype fit (no text tower)
     seed: int = 0
     llm: str | None = None                 # causal LM dir or .gguf for answers; None = SmolLM2-135M GGUF
 
@@ -88,7 +91,8 @@ class ScoredFrame:
 class ProductState:
     memory: ReferenceMemory | None
     calibration: Calibration
-    prompts: torch.Tensor | None       # (2, D) unit-norm [normal, abnormal] text embeddings
+    prompts: torch.Tensor | list[torch.Tensor] | None  # [normal, abnormal]: (2, D) unit-norm text embeddings,
+                                                        # or learned prototypes S x (2, C_s) (no text tower)
     semantic_offset: float
     references: list[np.ndarray]
 
@@ -139,12 +143,14 @@ class InspectionModel:
         images = list(images)
         prompts = self._prompts(product) if self.encoder.has_text else None
         if not images:
-            if not self.decoder.semantic_active:
+            if not self.decoder.zero_shot:
                 raise ValueError(f"{product}: zero-shot needs an encoder with a text tower; give references")
             calibration = calibrate(np.array([]), "zero-shot", self.config.verdict)
             self.states[product] = ProductState(None, calibration, prompts, 0.0, [])
             return calibration
         pixels = self.encoder.preprocess(images)                         # (k, 3, S, S) uint8
+        if prompts is None and self.config.prototype_views > 0:
+            prompts = self._fit_prototypes(pixels, product)
         memory, semantic_offset = self._memory(pixels, prompts)
         state = ProductState(memory, Calibration(1.0, 0.5, "pending"), prompts, semantic_offset, images)
         calibration = self._calibrate(state, pixels, product)
@@ -161,9 +167,8 @@ class InspectionModel:
         def stage_batches():
             for batch in views.split(self.config.batch_size):
                 stages = self._encode(batch).patch_features
-                if prompts is not None and self.decoder.semantic_active:
-                    semantic = self.decoder.semantic([s.float() for s in stages],
-                                                     prompts.expand(batch.shape[0], -1, -1))
+                if prompts is not None:
+                    semantic = self.decoder.semantic([s.float() for s in stages], _expand(prompts, batch.shape[0]))
                     offset[0] = max(offset[0], float(semantic.max()))
                 yield stages
 
@@ -198,6 +203,24 @@ class InspectionModel:
             maps = np.where(valid, maps, -np.inf)
         return maps.reshape(len(maps), -1).max(1)
 
+    def _fit_prototypes(self, pixels: torch.Tensor, product: str) -> list[torch.Tensor]:
+        """Learned [normal, abnormal] prototypes of a product without a text tower: its reference views are
+        the normal class, simulated anomalies on them (synthetic.py) the abnormal one."""
+        rng = np.random.default_rng([self.config.seed, _stable_hash(product), 1])
+        k = pixels.shape[0]
+        pick = rng.permutation(k)[:16]                                   # enough normal variety, bounded cost
+        normal = augment_views(pixels[torch.from_numpy(pick)], "rotate" if len(pick) <= 4 else "none")
+        images = [pixels[i].permute(1, 2, 0).numpy() for i in pick]
+        anomalous, masks = simulate_batch(images, self.config.prototype_views, rng)
+        anomalous = torch.from_numpy(anomalous).permute(0, 3, 1, 2)      # (n, 3, S, S) uint8
+
+        def encode(views: torch.Tensor) -> list[torch.Tensor]:
+            parts = [self._encode(batch).patch_features for batch in views.split(self.config.batch_size)]
+            return [torch.cat(stage).float() for stage in zip(*parts, strict=True)]
+
+        return self.decoder.semantic.fit(encode(normal), encode(anomalous),
+                                         torch.from_numpy(masks).to(self.device), steps=self.config.prototype_steps)
+
     def _prompts(self, product: str) -> torch.Tensor:
         """(2, D) unit-norm mean embeddings of AnomalyGPT's normal and abnormal prompt ensembles."""
         normal, abnormal = state_prompts(product)
@@ -222,7 +245,7 @@ class InspectionModel:
         return self.encoder(x)
 
     def _decode(self, stages: list[torch.Tensor], state: ProductState) -> torch.Tensor:
-        prompts = None if state.prompts is None else state.prompts.expand(stages[0].shape[0], -1, -1)
+        prompts = None if state.prompts is None else _expand(state.prompts, stages[0].shape[0])
         return self.decoder(stages, state.memory, self.image_size, prompts, state.semantic_offset)[:, 0]
 
     @torch.inference_mode()
@@ -312,6 +335,11 @@ def jitter(image: np.ndarray, rng: np.random.Generator, shift: float = 0.03, deg
                        borderValue=0)
     lit = moved.astype(np.float32) * (1 + rng.uniform(-light, light)) + 255 * rng.uniform(-light, light)
     return np.clip(lit, 0, 255).astype(np.uint8), inside.astype(bool)
+
+
+def _expand(prompts: torch.Tensor | list[torch.Tensor], batch: int) -> torch.Tensor | list[torch.Tensor]:
+    """Text prompts (2, D) -> (B, 2, D) per frame; learned prototypes are shared by the batch as they are."""
+    return prompts if isinstance(prompts, list) else prompts.expand(batch, -1, -1)
 
 
 def _as_frame(item) -> Frame:

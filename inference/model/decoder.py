@@ -166,26 +166,72 @@ class TextBranch(nn.Module):
 class PrototypeBranch(nn.Module):
     """Learned normal/abnormal prototypes per stage, for encoders without a text tower.
 
-    Untrained prototypes say nothing, so the branch stays switched off (`trained` is False) until the
-    training job loads weights.
+    The prototypes play the part of AnomalyGPT's text prompts: each patch is scored by softmax over
+    its cosine to the [normal, abnormal] pair. They are learned per product (`fit`) from the product's
+    reference views (normal) and simulated anomalies pasted onto them (synthetic.py), so one good image
+    is enough and no defect image is ever needed.
     """
 
     def __init__(self, stage_dims: tuple[int, ...], temperature: float = 100.0):
         super().__init__()
+        self.stage_dims = stage_dims
         self.temperature = temperature
-        self.prototypes = nn.ParameterList(nn.Parameter(torch.randn(2, c) / math.sqrt(c)) for c in stage_dims)
-        self.register_buffer("trained", torch.tensor(False))
 
-    def forward(self, stages: list[torch.Tensor], prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """stages: S x (B, C_s, h, w) -> (B, 1, h, w) abnormal probability."""
+    def stage_maps(self, stages: list[torch.Tensor], prototypes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """stages: S x (B, C_s, h_s, w_s); prototypes: S x (2, C_s) -> S x (B, 1, h_s, w_s) logits."""
         maps = []
-        for features, prototypes in zip(stages, self.prototypes, strict=True):
-            tokens = F.normalize(features, dim=1)                                    # (B, C, h, w)
-            logits = torch.einsum("bchw,kc->bkhw", tokens, F.normalize(prototypes, dim=1))  # (B, 2, h, w)
-            maps.append((self.temperature * logits).softmax(1)[:, 1:])             # (B, 1, h, w)
+        for features, pair in zip(stages, prototypes, strict=True):
+            tokens = F.normalize(features.float(), dim=1)                                   # (B, C, h, w)
+            cosine = torch.einsum("bchw,kc->bkhw", tokens, F.normalize(pair.float(), dim=1))  # (B, 2, h, w)
+            maps.append(self.temperature * (cosine[:, 1:] - cosine[:, :1]))               # (B, 1, h, w)
+        return maps
+
+    def forward(self, stages: list[torch.Tensor], prototypes: list[torch.Tensor]) -> torch.Tensor:
+        """stages: S x (B, C_s, h, w) -> (B, 1, h, w) abnormal probability, averaged over stages."""
+        maps = [m.sigmoid() for m in self.stage_maps(stages, prototypes)]  # = softmax over the pair
         size = max(m.shape[-2:] for m in maps)
         return torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                             for m in maps]).mean(0)
+
+    def fit(self, normal: list[torch.Tensor], anomalous: list[torch.Tensor], masks: torch.Tensor,
+            steps: int = 150, lr: float = 0.02) -> list[torch.Tensor]:
+        """Learn S x (2, C_s) prototypes: patches of `normal` views are label 0, patches of `anomalous`
+        views are labelled by the share of their cell that `masks` (N, H, W) marks changed.
+
+        Class-balanced logistic loss on every stage, Adam on the prototype vectors; they start at the
+        normalised class means, so a few steps suffice.
+        """
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._fit(normal, anomalous, masks, steps, lr)
+
+    def _fit(self, normal, anomalous, masks, steps, lr) -> list[torch.Tensor]:
+        tokens, labels = [], []
+        for stage_normal, stage_anomalous in zip(normal, anomalous, strict=True):
+            h, w = stage_anomalous.shape[-2:]
+            share = F.adaptive_avg_pool2d(masks[:, None].float(), (h, w))                  # (N, 1, h, w)
+            x = torch.cat([stage_normal, stage_anomalous]).float()                         # (n+N, C, h, w)
+            tokens.append(F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, x.shape[1]).clone())  # (P, C)
+            zeros = torch.zeros(stage_normal.shape[0] * h * w, device=share.device)
+            labels.append(torch.cat([zeros, share.reshape(-1)]).to(x.device))              # (P,)
+        prototypes, weights = [], []
+        for x, y in zip(tokens, labels, strict=True):
+            positive = y > 0.5
+            abnormal = x[positive].mean(0) if positive.any() else -x.mean(0)
+            prototypes.append(torch.stack([x[~positive].mean(0), abnormal]))               # (2, C)
+            # class balance: the few abnormal patches weigh as much as all normal ones
+            weights.append(torch.where(y > 0, (y <= 0).sum() / (y > 0).sum().clamp_min(1), torch.ones_like(y)))
+        parameters = [p.clone().requires_grad_(True) for p in prototypes]
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = torch.zeros((), device=tokens[0].device)
+            for x, y, weight, pair in zip(tokens, labels, weights, parameters, strict=True):
+                cosine = x @ F.normalize(pair, dim=1).T                                     # (P, 2)
+                logits = self.temperature * (cosine[:, 1] - cosine[:, 0])
+                loss = loss + F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+            loss.backward()
+            optimizer.step()
+        return [p.detach() for p in parameters]
 
 
 # --- the decoder ---------------------------------------------------------------------------------
@@ -204,8 +250,9 @@ class AnomalyDecoder(nn.Module):
         self._kernel_cache: dict[tuple, torch.Tensor] = {}
 
     @property
-    def semantic_active(self) -> bool:
-        return isinstance(self.semantic, TextBranch) or bool(self.semantic.trained)
+    def zero_shot(self) -> bool:
+        """The text branch needs no reference image; learned prototypes need at least one."""
+        return isinstance(self.semantic, TextBranch)
 
     def memory_features(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
         """The memory stages, locally aggregated and unit-normalised: S x (B, C_s, h_s, w_s)."""
@@ -248,15 +295,17 @@ class AnomalyDecoder(nn.Module):
                 semantic_offset: float = 0.0) -> torch.Tensor:
         """stages: 4 x (B, C_s, h_s, w_s) -> anomaly map (B, 1, H, W) at input resolution, smoothed.
 
-        `semantic_offset` is the semantic map's ceiling on the product's own references: only evidence
-        beyond what normal parts already show is added to the memory map.
+        `prompts` are the semantic branch's [normal, abnormal] pair: (B, 2, D) text embeddings, or the
+        product's learned prototypes (S x (2, C_s)); None leaves the branch out. `semantic_offset` is the
+        semantic map's ceiling on the product's own references: only evidence beyond what normal parts
+        already show is added to the memory map.
         """
         B = stages[0].shape[0]
         anomaly = torch.zeros(B, 1, *image_size, device=stages[0].device)
         has_memory = memory is not None and not memory.is_empty
         if has_memory:
             anomaly = anomaly + self._upsample(self.memory_map(stages, memory), image_size)
-        if self.semantic_active and (prompts is not None or isinstance(self.semantic, PrototypeBranch)):
+        if prompts is not None:
             weight = self.config.semantic_weight if has_memory else 1.0
             semantic = (self.semantic([s.float() for s in stages], prompts) - semantic_offset).clamp_min(0)
             anomaly = anomaly + weight * self._upsample(semantic, image_size)

@@ -58,6 +58,7 @@ class LvlmConfig:
     map_size: int = 224              # the prompt learner reads the map at this side
     scale_soft_tokens: bool = True   # untrained adapters: bring soft tokens to word-embedding norm
     guard: bool = True               # replace replies that contradict the verdict or drift (see `guard`)
+    seed: int = 0                    # initialises the untrained adapters: the same replies in every run
 
 
 def default_llm_path() -> str:
@@ -118,8 +119,10 @@ class AnomalyLVLM(nn.Module):
         self.llm, self.tokenizer = load_causal_lm(config.llm or default_llm_path(), self.device, self.dtype)
         self.embed_tokens = self.llm.get_input_embeddings()
         d_llm = self.embed_tokens.weight.shape[1]
-        self.image_projection = nn.Linear(embed_dim, d_llm)                            # (D,) -> (d_llm,)
-        self.prompt_learner = PromptLearner(PromptLearnerConfig(d_llm=d_llm, map_size=config.map_size))
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's random state
+            torch.manual_seed(config.seed)
+            self.image_projection = nn.Linear(embed_dim, d_llm)                        # (D,) -> (d_llm,)
+            self.prompt_learner = PromptLearner(PromptLearnerConfig(d_llm=d_llm, map_size=config.map_size))
         self.image_projection.to(self.device, self.dtype)
         self.prompt_learner.to(self.device, self.dtype)
         self.word_norm = float(self.embed_tokens.weight.float().norm(dim=-1).mean())
