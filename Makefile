@@ -7,18 +7,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lineguard-installed
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-APT_PACKAGES := influxdb
 
 .PHONY: install apt venv demo test bench lint schema clean
 
 install: apt $(STAMP)
 
-# Debian packages: influxd (InfluxDB 1.x) for the embedded stack and the tests.
+# Debian packages, only those whose command is missing: influxd (InfluxDB 1.x) for the embedded stack
+# and the tests; node and npm for the Grafana schema check (tsc against @grafana/schema, installed by
+# `npm ci` from deploy/grafana/schema-check/package-lock.json when the test first runs).
 apt:
-	@if ! command -v influxd >/dev/null 2>&1; then \
-		echo "installing Debian packages: $(APT_PACKAGES)"; \
+	@packages=""; \
+	command -v influxd >/dev/null 2>&1 || packages="$$packages influxdb"; \
+	command -v node >/dev/null 2>&1 || packages="$$packages nodejs npm"; \
+	command -v node >/dev/null 2>&1 && ! command -v npm >/dev/null 2>&1 && packages="$$packages npm"; \
+	if [ -n "$$packages" ]; then \
+		echo "installing Debian packages:$$packages"; \
 		$(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$packages; \
 	fi
 
 # torch first, from the local CPU wheel, so no dependency can pull a CUDA build.

@@ -4,6 +4,12 @@ The loop, in one place: next frame → JPEG-encode (thread) → pace → send (a
 collect the broker's acknowledgement. Every send's outcome is checked: a delivery failure
 is logged with the frame_id and makes the run fail, so no frame is dropped silently.
 
+Each acknowledgement has a deadline (`ack_timeout_s`): aiokafka gives up on a batch by itself
+only when its partition has no leader, so a broker that dies mid-stream would leave the frames
+in flight, and the run, waiting for ever. A frame not acknowledged in time counts as failed; the
+first failure stops reading the source, the frames still in flight are settled, and the run
+raises DeliveryFailed.
+
     >>> from ingest.sources import open_source
     >>> report = asyncio.run(publish(open_source("simulator"), settings, limit=100, rate=20))
 """
@@ -19,9 +25,10 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from aiokafka.errors import KafkaError
 
 from lineguard.events import FrameMeta, encode_frame
-from lineguard.kafka import make_producer, start_client
+from lineguard.kafka import client_kwargs, make_producer, start_client
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import FRAMES
@@ -29,6 +36,7 @@ from lineguard.topics import FRAMES
 log = get_logger(__name__)
 
 MAX_IN_FLIGHT = 64
+STOP_AFTER_FAILURE_S = 5.0  # a producer whose broker is gone cannot flush: do not wait long for it
 # room for the record envelope and headers besides the JPEG and the meta JSON
 RECORD_OVERHEAD_BYTES = 512
 
@@ -68,6 +76,12 @@ def encode_jpeg(image: np.ndarray, quality: int, max_side: int | None = None) ->
     return buffer.tobytes(), width, height
 
 
+def ack_timeout_s(settings: Settings) -> float:
+    """How long a frame may wait for its acknowledgement: a produce request may wait the request
+    timeout in the producer's queue and as long again on the wire."""
+    return 2 * client_kwargs(settings)["request_timeout_ms"] / 1000
+
+
 def as_published(image: np.ndarray, quality: int) -> np.ndarray:
     """The image as a consumer of the frames topic sees it (after the JPEG round trip)."""
     jpeg, _, _ = encode_jpeg(image, quality)
@@ -101,7 +115,8 @@ async def publish(
     rate: frames per second over all cameras (None = as fast as the broker acknowledges).
     cameras: frames are dealt round-robin to cam-0 … cam-{N-1}; the camera is the Kafka key.
     Raises FrameTooLarge before sending a frame above `kafka_max_message_bytes`, and
-    DeliveryFailed at the end if any frame was not acknowledged.
+    DeliveryFailed once the frames in flight are settled if any frame was not acknowledged within
+    `ack_timeout_s` (the first failure stops the run) or could not be sent.
     """
     if cameras < 1:
         raise ValueError("cameras must be >= 1")
@@ -111,18 +126,21 @@ async def publish(
     topic = settings.topic(FRAMES)
     run_id = secrets.token_hex(3)
     report = PublishReport()
-    in_flight: deque[tuple[FrameMeta, asyncio.Future]] = deque()
+    ack_timeout = ack_timeout_s(settings)
+    in_flight: deque[tuple[FrameMeta, asyncio.Future, float]] = deque()   # (meta, ack, deadline)
     seq_by_camera = [0] * cameras
     frames = _frames(source, loop)
     started = time.monotonic()
 
-    async def settle(entry: tuple[FrameMeta, asyncio.Future]) -> None:
-        meta, future = entry
+    async def settle(entry: tuple[FrameMeta, asyncio.Future, float]) -> None:
+        meta, future, deadline = entry
         try:
-            await future
+            await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - every delivery error is reported, none swallowed
             report.failed += 1
-            log.error("frame_delivery_failed", frame_id=meta.frame_id, camera_id=meta.camera_id, error=str(exc))
+            error = (f"no acknowledgement within {ack_timeout:.0f} s" if isinstance(exc, TimeoutError)
+                     else str(exc) or type(exc).__name__)
+            log.error("frame_delivery_failed", frame_id=meta.frame_id, camera_id=meta.camera_id, error=error)
             return
         report.published += 1
         report.per_camera[meta.camera_id] = report.per_camera.get(meta.camera_id, 0) + 1
@@ -131,7 +149,7 @@ async def publish(
 
     try:
         index = 0
-        while limit is None or index < limit:
+        while (limit is None or index < limit) and not report.failed:
             frame = await asyncio.to_thread(next, frames, None)
             if frame is None:
                 break
@@ -160,8 +178,14 @@ async def publish(
                     f"message size of {settings.kafka_max_message_bytes} bytes (LINEGUARD_KAFKA_MAX_MESSAGE_BYTES); "
                     "lower --jpeg-quality or pass --max-side"
                 )
-            future = await producer.send(topic, value=value, key=camera_id.encode(), headers=headers)
-            in_flight.append((meta, future))
+            try:
+                future = await producer.send(topic, value=value, key=camera_id.encode(), headers=headers)
+            except KafkaError as exc:
+                report.failed += 1
+                log.error("frame_delivery_failed", frame_id=meta.frame_id, camera_id=camera_id,
+                          error=str(exc) or type(exc).__name__)
+                break
+            in_flight.append((meta, future, time.monotonic() + ack_timeout))
             report.bytes += len(value)
             index += 1
             log.debug("frame_sent", frame_id=meta.frame_id, camera_id=camera_id, bytes=len(value))
@@ -170,16 +194,18 @@ async def publish(
         while in_flight:
             await settle(in_flight.popleft())
     finally:
-        if in_flight:  # cancelled or failed: still account for what is already on its way
-            await producer.flush()
-            while in_flight:
-                await settle(in_flight.popleft())
+        while in_flight:  # cancelled or failed: still account for what is already on its way
+            await settle(in_flight.popleft())
         if own_producer:
-            await producer.stop()
+            try:
+                await asyncio.wait_for(producer.stop(), STOP_AFTER_FAILURE_S if report.failed else None)
+            except TimeoutError:
+                log.warning("producer_stop_timeout", bootstrap=settings.bootstrap, waited_s=STOP_AFTER_FAILURE_S)
         report.seconds = time.monotonic() - started
         report.skipped = list(getattr(source, "skipped", []))
     if report.failed:
-        raise DeliveryFailed(f"{report.failed} frame(s) were not acknowledged by {settings.bootstrap}")
+        raise DeliveryFailed(f"{report.failed} frame(s) were not acknowledged by {settings.bootstrap} "
+                             f"({report.published} acknowledged); see the frame_delivery_failed log lines")
     log.info("ingest_done", published=report.published, skipped=len(report.skipped),
              fps=round(report.fps, 1), per_camera=report.per_camera)
     return report

@@ -30,7 +30,8 @@ When a window is written, and at-least-once:
   restart, verdicts of windows already final are counted as late instead of overwriting the window.
 - A re-delivered verdict (same frame_id in the same window) is not counted again. A verdict that
   arrives after its window is final is counted in the aggregator's `late` counter (logged), not in
-  the window.
+  the window, and acknowledged at once; a final window is never re-opened (its point would lose its
+  counts), even when a partition that was silent wakes up and holds the watermark back.
 - When InfluxDB is down the writer keeps the points in its bounded buffer and retries; the
   aggregator keeps its windows in memory (up to `MAX_PENDING_VERDICTS`, then it stops reading), and
   both catch up when the server is back. The logs say `influx_unavailable` and `influx_recovered`.
@@ -70,6 +71,7 @@ SIZE_CLASSES_MM2 = ((1.0, "small"), (10.0, "medium"), (float("inf"), "large"))
 SIZE_CLASSES_PX = ((256, "small"), (4096, "medium"), (float("inf"), "large"))
 MAX_PENDING_VERDICTS = 200_000
 RECENT_FINAL_FRAMES = 100_000  # re-deliveries after a window is final are recognised as duplicates
+RECENT_FINAL_WINDOWS = 100_000  # windows already final are never re-opened
 PROGRESS_MEASUREMENT = "stats_progress"
 
 
@@ -223,6 +225,7 @@ class WindowAggregator:
         self.counters = AggregatorCounters()
         self.pending = 0  # verdicts counted but not yet acknowledged (windows not final or not written)
         self.recent_final: OrderedDict[str, None] = OrderedDict()  # frame_ids of recently final windows
+        self.final_windows: OrderedDict[tuple, None] = OrderedDict()  # keys of recently final windows
 
     def _done(self) -> None:
         self.pending -= 1
@@ -265,7 +268,10 @@ class WindowAggregator:
             if window is not None and verdict.frame_id in window.frame_ids:
                 duplicate = True
                 continue
-            if start + size <= self.floor_ms or start + size + self.lateness_ms <= watermark:
+            # A final window is never re-opened: its point in InfluxDB holds its final counts. The watermark
+            # alone cannot say so, since a partition waking up after a silence holds it back again.
+            if (key in self.final_windows or start + size <= self.floor_ms
+                    or start + size + self.lateness_ms <= watermark):
                 late = True
                 continue
             if window is None:
@@ -322,6 +328,9 @@ class WindowAggregator:
                 window.changed = False
             if final:
                 del self.windows[key]
+                self.final_windows[key] = None
+                while len(self.final_windows) > RECENT_FINAL_WINDOWS:
+                    self.final_windows.popitem(last=False)
                 if window.name == "10s":
                     self._remember(window.frame_ids)
                 emission.on_written.extend(a.release for a in window.acks)

@@ -52,3 +52,18 @@ def cli_env(stack):
     env.update({"LINEGUARD_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "LINEGUARD_INFLUX_URL": stack.influx_url,
                 "LINEGUARD_LOG_JSON": "1"})
     return env
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The default model (lite0, CPU) with 8 simulated references per product, as the camera publishes them
+    (JPEG), like the frames."""
+    from inference.scorer import build_scorer
+    from ingest.publisher import as_published
+    from ingest.simulator import LineSimulator
+
+    scorer = build_scorer(device="cpu")
+    simulator = LineSimulator()
+    for product in ("disc", "tile"):
+        scorer.set_references(product, [as_published(image, 90) for image in simulator.normal_references(product, 8)])
+    return scorer

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from lineguard.events import POSITIONS, FrameMeta, Heatmap, Latency, Region, Verdict, encode_frame
-from lineguard.kafka import make_producer, start_client
+from lineguard.kafka import make_consumer, make_producer, start_client
 
 
 def minute_ago(minutes: int = 10) -> datetime:
@@ -55,16 +55,45 @@ def make_verdicts(n: int, *, start: datetime, spacing_s: float = 0.5, seed: int 
     return verdicts
 
 
-async def publish(settings, topic: str, items: list[tuple[bytes | None, bytes, list | None]]) -> None:
-    """Send (key, value, headers) records to `topic` (name without prefix) and wait for every ack."""
-    producer = make_producer(settings)
-    await start_client(settings, producer)
+async def publish(settings, topic: str, items: list[tuple[bytes | None, bytes, list | None]],
+                  producer=None) -> list:
+    """Send (key, value, headers) records to `topic` (name without prefix); waits for every ack.
+
+    Returns the brokers' RecordMetadata (partition, offset), one per item, in order.
+    """
+    own = producer is None
+    if own:
+        producer = make_producer(settings)
+        await start_client(settings, producer)
     try:
         futures = [await producer.send(settings.topic(topic), value, key=key, headers=headers)
                    for key, value, headers in items]
-        await asyncio.gather(*futures)
+        return list(await asyncio.gather(*futures))
     finally:
-        await producer.stop()
+        if own:
+            await producer.stop()
+
+
+def group_offsets(settings, group: str, topics) -> dict[tuple[str, int], tuple[int | None, int]]:
+    """{(topic, partition): (offset `group` committed, or None; end offset)}, read from the broker.
+
+    The probe fetches the group's offsets (OffsetFetch) without joining the group.
+    """
+    from aiokafka import TopicPartition
+
+    async def go():
+        probe = make_consumer(settings, group_id=group)
+        await start_client(settings, probe)
+        try:
+            partitions = [TopicPartition(settings.topic(t), p) for t in topics
+                          for p in sorted(probe.partitions_for_topic(settings.topic(t)) or ())]
+            ends = await probe.end_offsets(partitions)
+            return {(tp.topic[len(settings.topic_prefix):], tp.partition): (await probe.committed(tp), ends[tp])
+                    for tp in partitions}
+        finally:
+            await probe.stop()
+
+    return asyncio.run(go())
 
 
 def publish_verdicts(settings, verdicts: list[Verdict]) -> None:

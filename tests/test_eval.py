@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from inference.eval import evaluate, parse_shots
 from ingest.simulator import LineSimulator
 from lineguard.cli import app
+from tests.test_encoders_clip import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,55 @@ def test_masks_follow_image_size(mvtec):
         assert mask.shape == image.shape[:2] and mask.dtype == bool
         assert mask.any() == (item.defect_type != "good")
     assert np.unique([read_image(t.path).ndim for t in test_set(mvtec)]).tolist() == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> str:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def test_eval_zero_shot_with_a_text_tower_encoder(mvtec, clip_dir):
+    result = CliRunner().invoke(app, ["eval", "--data", str(mvtec), "--shots", "0", "--encoder", f"clip:{clip_dir}",
+                                      "--device", "cpu", "--json", "--runs"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["encoder"] == f"clip:{clip_dir}" and report["shots"] == 0
+    assert report["image_size"] == 32                      # the tiny CLIP's own input side, not the CNN's 320
+    [run] = report["runs"]
+    assert run["references"] == [] and run["calibration"] == "zero-shot" and run["threshold"] == 0.5
+    for key in ("image_auroc", "pixel_auroc", "accuracy", "location_accuracy"):
+        assert 0.0 <= report[key] <= 100.0
+    assert set(report["per_defect_type"]) == {"scratch", "missing_piece"}
+    assert report["n_test"] == 9 and report["images_per_second"] > 0
+
+
+def test_eval_uses_the_encoder_it_is_given(mvtec, clip_dir, monkeypatch):
+    import inference.eval as eval_module
+
+    built = []
+
+    class Spy(eval_module.InspectionModel):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(self)
+
+    monkeypatch.setattr(eval_module, "InspectionModel", Spy)
+    result = CliRunner().invoke(app, ["eval", "--data", str(mvtec), "--shots", "1", "--encoder",
+                                      f"clip:{clip_dir}@1,2,3,4", "--size", "64", "--device", "cpu", "--json",
+                                      "--runs"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    [model] = built
+    assert type(model.encoder).__name__ == "ClipEncoder" and model.encoder.layers == (1, 2, 3, 4)
+    assert model.encoder.has_text and model.encoder.image_size == 64 == report["image_size"]
+    assert report["encoder"] == f"clip:{clip_dir}@1,2,3,4" and report["runs"][0]["calibration"] == "jitter"
+    assert len(report["runs"][0]["references"]) == 1
+
+
+def test_eval_zero_shot_without_a_text_tower_is_a_clear_error(mvtec):
+    result = CliRunner().invoke(app, ["eval", "--data", str(mvtec), "--shots", "0", "--encoder", "random:vit-tiny",
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 2
+    assert result.stdout == ""                             # no half-written JSON object
+    assert result.stderr.startswith("error: ") and "zero-shot needs an encoder with a text tower" in result.stderr
+    assert "Traceback" not in result.output

@@ -11,6 +11,8 @@ import torch
 from inference.model.api import InspectionModel, ModelConfig, ScoredFrame
 from inference.model.lvlm import (
     FIRST_QUESTION,
+    IMAGE_SLOT,
+    PROMPT_SLOT,
     AnomalyLVLM,
     LvlmConfig,
     default_llm_path,
@@ -172,3 +174,79 @@ def test_tiny_llama_directory_loads_through_the_same_path(tmp_path):
     assert answers == [factual_answer(ONE, questions[0]), factual_answer(NORMAL, questions[1])]
     raw = AnomalyLVLM(LvlmConfig(llm=path, max_new_tokens=6, guard=False), embed_dim=EMBED_DIM)
     assert all(isinstance(a, str) for a in raw.answer(frames, questions))
+
+
+# --- multi-turn, determinism and batching of the raw LLM replies (before the guard) -----------------
+
+HISTORY = [(FIRST_QUESTION, first_answer(ONE)), ("What colour is the part?", "The part is grey.")]
+
+
+def test_follow_up_prompt_carries_the_history_to_the_llm(lvlm, monkeypatch):
+    monkeypatch.setattr(lvlm.config, "max_new_tokens", 8)                  # short replies: CPU time
+    question = "Where is it?"
+    fresh, followed = lvlm.chat_text(ONE, question, []), lvlm.chat_text(ONE, question, HISTORY)
+    assert fresh.count("<|im_start|>user") == 1 and followed.count("<|im_start|>user") == 3
+    assert followed.count("<|im_start|>assistant") == 3                   # 2 earlier answers + the generation prompt
+    assert "The part is grey." in followed and "The part is grey." not in fresh
+    # the turns in order; the soft image tokens only in the first user turn
+    order = [followed.index(IMAGE_SLOT), followed.index(FIRST_QUESTION), followed.index("What colour is the part?"),
+             followed.index("The part is grey."), followed.rindex(question)]
+    assert order == sorted(order) and followed.count(IMAGE_SLOT) == followed.count(PROMPT_SLOT) == 1
+
+    seen = []
+    generate = lvlm.llm.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs["inputs_embeds"].detach().clone())
+        return generate(**kwargs)
+
+    monkeypatch.setattr(lvlm.llm, "generate", spy)
+    frame = scored(ONE)
+    [without] = lvlm.generate([frame], [question], [[]])
+    [with_history] = lvlm.generate([frame], [question], [HISTORY])
+    [again] = lvlm.generate([frame], [question], [HISTORY])
+    image, prompts = lvlm.soft_tokens([frame])
+    lengths = [len(lvlm.embed_chat(text, image[0], prompts[0])) for text in (fresh, followed, followed)]
+    assert [tuple(x.shape[:2]) for x in seen] == [(1, n) for n in lengths]
+    grown = len(lvlm.tokenizer(followed).input_ids) - len(lvlm.tokenizer(fresh).input_ids)
+    assert seen[1].shape[1] - seen[0].shape[1] == grown > 10
+    # the earlier answer's word embeddings are in what the LLM is fed
+    ids = lvlm.tokenizer("The part is grey.", add_special_tokens=False).input_ids
+    words = lvlm.embed_tokens(torch.tensor(ids))
+    fed = seen[1][0]
+    assert any(torch.equal(fed[i:i + len(ids)], words) for i in range(fed.shape[0] - len(ids) + 1))
+    assert not any(torch.equal(seen[0][0][i:i + len(ids)], words) for i in range(seen[0].shape[1] - len(ids) + 1))
+    assert torch.equal(seen[1], seen[2])
+    assert with_history == again                                          # greedy: same inputs, same reply
+    assert with_history != without                                        # the history changes what it says
+
+
+def test_batched_generation_equals_one_frame_at_a_time(lvlm, monkeypatch):
+    """Left padding is masked and positions restart after it: a frame's reply does not depend on its batch."""
+    monkeypatch.setattr(lvlm.config, "max_new_tokens", 8)
+    frames = [scored(ONE), scored(TWO, 1)]
+    questions = ["How big is it?", "Where are they?"]
+    histories = [HISTORY, []]                                            # different lengths: one is padded
+    lengths = [len(lvlm.tokenizer(lvlm.chat_text(f.verdict, q, h)).input_ids)
+               for f, q, h in zip(frames, questions, histories, strict=True)]
+    assert lengths[0] != lengths[1]
+    batched = lvlm.generate(frames, questions, histories)
+    alone = [lvlm.generate([f], [q], [h])[0] for f, q, h in zip(frames, questions, histories, strict=True)]
+    assert batched == alone
+    assert all(isinstance(reply, str) and reply for reply in batched)
+
+
+def test_untrained_adapters_are_the_same_in_every_run(lvlm):
+    """The image projection and prompt learner are seeded: raw replies do not vary from run to run."""
+    torch.manual_seed(1234)
+    other = AnomalyLVLM(LvlmConfig(max_new_tokens=12), embed_dim=EMBED_DIM)
+    assert other.llm is lvlm.llm                                          # the frozen LLM is cached
+    after = torch.rand(1)
+    frames = [scored(ONE), scored(NORMAL, 1)]
+    for ours, theirs in zip(lvlm.soft_tokens(frames), other.soft_tokens(frames), strict=True):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(other.image_projection.weight, lvlm.image_projection.weight)
+    torch.manual_seed(1234)
+    assert torch.equal(torch.rand(1), after)                              # the caller's random state is untouched
+    reseeded = AnomalyLVLM(LvlmConfig(max_new_tokens=12, seed=1), embed_dim=EMBED_DIM)
+    assert not torch.equal(reseeded.image_projection.weight, lvlm.image_projection.weight)

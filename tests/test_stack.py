@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
+from storage_helpers import influx_query
 
 from deploy.stack import pid_alive
 
@@ -96,6 +101,12 @@ def test_second_stack_on_same_state_dir_is_refused(stack):
         EmbeddedStack(stack.settings).start()
 
 
+def _last_event(log_path, event: str) -> dict:
+    """The last JSON log line of a service with this event."""
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    return [entry for entry in entries if entry.get("event") == event][-1]
+
+
 def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
     env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_EMBEDDED_KAFKA_PORT": "0",
                               "LINEGUARD_EMBEDDED_INFLUX_PORT": "0", "COLUMNS": "160"}
@@ -111,5 +122,41 @@ def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
     assert not (tmp_path / "stack.json").exists()
     log = (tmp_path / "infer.log").read_text()
     assert '"event": "worker_stopped"' in log  # the worker got SIGTERM and drained, not SIGKILL
-    assert "where the data lives" in result.stderr
-    assert (tmp_path / "stats.log").exists() and (tmp_path / "store.log").exists()
+
+    # the demo says where the data lives; the data is there, as many as each service says it counted
+    assert "where the data lives:" in result.stderr
+    where = result.stderr.rsplit("where the data lives:", 1)[1]
+    influx_url, database = re.search(r"statistics\s+(http://\S+) \(database (\S+),", where).groups()
+    records_db = Path(re.search(r"records\s+sqlite:///(\S+)", where).group(1))
+    artifacts = Path(re.search(r"artifacts\s+(\S+)", where).group(1))
+    assert records_db == tmp_path / "records.sqlite" and artifacts == tmp_path / "artifacts"
+    stored = _last_event(tmp_path / "store.log", "store_stopped")
+    counted = _last_event(tmp_path / "stats.log", "stats_stopped")
+    assert stored["failed"] is False and stored["bad"] == 0 and counted["bad_verdicts"] == 0
+    assert stored["verdicts"] >= 10 and counted["counted"] >= 10
+
+    with contextlib.closing(sqlite3.connect(records_db)) as conn:
+        frames = conn.execute("SELECT sum(frames) FROM frame_counts").fetchone()[0]
+        rows = conn.execute("SELECT frame_id, kind, image_uri, heatmap_uri FROM records").fetchall()
+    assert frames == stored["verdicts"] - stored["duplicates"]        # every verdict counted, once
+    assert len(rows) == stored["records"] and sum(kind == "flagged" for _, kind, _, _ in rows) == stored["flagged"]
+    for frame_id, _, image_uri, heatmap_uri in rows:
+        for uri in (image_uri, heatmap_uri):
+            path = Path(urllib.parse.urlparse(uri).path)
+            assert path.is_relative_to(artifacts) and path.stat().st_size > 0, (frame_id, uri)
+
+    # influxd's data stays in the state dir: started again on the printed port, it answers with every window
+    from deploy.stack import EmbeddedStack
+    from lineguard.settings import load_settings
+
+    port = urllib.parse.urlparse(influx_url).port
+    influx = EmbeddedStack(load_settings(state_dir=tmp_path, embedded_influx_port=port, embedded_kafka_port=0,
+                                         influx_database=database))
+    influx.start_influx()
+    try:
+        for window in ("10s", "1m"):
+            series = influx_query(influx_url, database, f"SELECT sum(\"frames\") FROM \"defect_stats\" "
+                                                        f"WHERE \"window\" = '{window}' AND time > now() - 1h")
+            assert series and series[0]["values"][0][1] == counted["counted"], (window, series)
+    finally:
+        influx.stop()

@@ -10,15 +10,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import sqlite3
 import subprocess
+import sys
+import threading
+import time
 from datetime import timedelta
 
 import pytest
-from storage_helpers import frame_record, heatmap_for, make_verdicts, minute_ago, publish
+from storage_helpers import (
+    frame_record,
+    group_offsets,
+    heatmap_for,
+    make_verdicts,
+    minute_ago,
+    publish,
+    wait_until,
+)
 
 from lineguard.events import Label
-from lineguard.kafka import make_consumer, start_client
+from lineguard.kafka import make_producer, start_client
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
 from storage.artifacts import ArtifactStoreError, StorageError
 from storage.labels import training_examples
@@ -28,13 +42,21 @@ from storage.settings import load_storage_settings
 SAMPLE_RATE = 0.25
 
 
-def publish_line(settings, verdicts, *, frame_size: int = 64) -> None:
-    async def go() -> None:
-        await publish(settings, FRAMES, [frame_record(v, frame_size) for v in verdicts])
-        await publish(settings, HEATMAPS, [(v.camera_id.encode(), heatmap_for(v).to_bytes(), None) for v in verdicts])
-        await publish(settings, VERDICTS, [(v.camera_id.encode(), v.to_bytes(), None) for v in verdicts])
+def line_items(verdicts, *, frame_size: int = 64) -> list[tuple[str, list]]:
+    """The messages of these frames in the order a line produces them: frames, heatmaps, verdicts."""
+    return [(FRAMES, [frame_record(v, frame_size) for v in verdicts]),
+            (HEATMAPS, [(v.camera_id.encode(), heatmap_for(v).to_bytes(), None) for v in verdicts]),
+            (VERDICTS, [(v.camera_id.encode(), v.to_bytes(), None) for v in verdicts])]
 
-    asyncio.run(go())
+
+def publish_line(settings, verdicts, *, frame_size: int = 64) -> dict[str, tuple[int, int]]:
+    """Publish frames, heatmaps and verdicts; returns {frame_id: (partition, offset) of its verdict}."""
+    async def go() -> dict[str, tuple[int, int]]:
+        for topic, items in line_items(verdicts, frame_size=frame_size):
+            sent = await publish(settings, topic, items)
+        return {v.frame_id: (m.partition, m.offset) for v, m in zip(verdicts, sent, strict=True)}
+
+    return asyncio.run(go())
 
 
 def publish_labels(settings, labels: list[Label]) -> None:
@@ -74,58 +96,171 @@ def run_recorder(settings, storage_settings, done, *, commit: bool = True, timeo
 
 
 def committed_offsets(settings, group: str) -> dict[tuple[str, int], int | None]:
-    async def go():
-        consumer = make_consumer(settings, group_id=group)
-        await start_client(settings, consumer)
+    offsets = group_offsets(settings, group, (FRAMES, VERDICTS, HEATMAPS))
+    return {tp: committed for tp, (committed, _) in offsets.items()}
+
+
+def stored_frame_ids(db_path) -> set[str]:
+    """The records a recorder process has durably saved (read straight from its SQLite file)."""
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as conn:
         try:
-            from aiokafka import TopicPartition
-
-            out = {}
-            for topic in (FRAMES, VERDICTS, HEATMAPS):
-                name = settings.topic(topic)
-                for partition in sorted(consumer.partitions_for_topic(name) or ()):
-                    out[(topic, partition)] = await consumer.committed(TopicPartition(name, partition))
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(go())
+            return {row[0] for row in conn.execute("SELECT frame_id FROM records")}
+        except sqlite3.OperationalError:   # the recorder has not created its tables yet
+            return set()
 
 
-def test_records_survive_a_crash_and_restart_idempotent(settings, tmp_path):
-    verdicts = make_verdicts(40, start=minute_ago(5), defect_rate=0.3, prefix="r")
+def verdict_uncommitted(offsets: dict, at: tuple[int, int]) -> bool:
+    partition, offset = at
+    committed, _ = offsets[(VERDICTS, partition)]
+    return offset >= (committed or 0)
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+class LineStreamer(threading.Thread):
+    """Publishes frames, heatmaps and verdicts in small chunks, in line order, as a running line does."""
+
+    def __init__(self, settings, verdicts, chunk: int = 4, pause_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.settings, self.verdicts, self.chunk, self.pause_s = settings, verdicts, chunk, pause_s
+        self.sent: dict[str, tuple[int, int]] = {}       # frame_id -> (partition, offset) of its verdict
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        async def go() -> None:
+            producer = await start_client(self.settings, make_producer(self.settings))
+            try:
+                for i in range(0, len(self.verdicts), self.chunk):
+                    chunk = self.verdicts[i:i + self.chunk]
+                    for topic, items in line_items(chunk):
+                        sent = await publish(self.settings, topic, items, producer=producer)
+                    # a new dict each time: the test reads `sent` from another thread
+                    self.sent = self.sent | {v.frame_id: (m.partition, m.offset)
+                                             for v, m in zip(chunk, sent, strict=True)}
+                    await asyncio.sleep(self.pause_s)
+            finally:
+                await producer.stop()
+
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def test_records_survive_a_crash_and_restart_idempotent(settings, tmp_path, cli_env):
+    """`lineguard store` SIGKILLed mid-stream with saved-but-uncommitted records; a restart completes the job."""
+    verdicts = make_verdicts(100, start=minute_ago(5), defect_rate=0.3, prefix="r")
+    part1, part2 = verdicts[:40], verdicts[40:]
     flagged = [v for v in verdicts if v.is_anomalous]
     samples = [v for v in verdicts if not v.is_anomalous and sampled(v.frame_id, SAMPLE_RATE)]
     expected = {v.frame_id for v in flagged + samples}
-    assert flagged and samples
+    expected1 = expected & {v.frame_id for v in part1}
+    assert flagged and samples and expected1 and expected - expected1
     labelled = flagged[0]
     early_label = Label(frame_id=labelled.frame_id, operator="ana", is_defect=False, note="glare",
                         labeled_at=labelled.captured_at + timedelta(minutes=1))
-    publish_labels(settings, [early_label])     # a label before its record exists
-    publish_line(settings, verdicts)
     storage_settings = storage_settings_for(settings, tmp_path)
+    group, db_path = storage_settings.store_group, tmp_path / "records.db"
+    tracked = (FRAMES, VERDICTS, HEATMAPS, LABELS)
 
-    # 1. a recorder that saves everything but "crashes" before committing any offset
-    first = run_recorder(settings, storage_settings, lambda r: r.store.count_records() == len(expected),
-                         commit=False)
-    assert first.counters.records == len(expected)
-    assert all(offset is None for offset in committed_offsets(settings, storage_settings.store_group).values())
+    # 1. the real recorder process: part 1 (plus a label before its record, and two verdicts re-delivered
+    #    under new offsets) is stored and committed; it is then SIGKILLed in the middle of part 2
+    env = cli_env | {"LINEGUARD_TOPIC_PREFIX": settings.topic_prefix, "LINEGUARD_STATE_DIR": str(tmp_path / "state"),
+                     "LINEGUARD_STORE_GROUP": group, "LINEGUARD_STORE_DB_URL": storage_settings.store_db_url,
+                     "LINEGUARD_STORE_ARTIFACTS": storage_settings.store_artifacts,
+                     "LINEGUARD_STORE_NORMAL_SAMPLE_RATE": str(SAMPLE_RATE), "LINEGUARD_STORE_JOIN_TIMEOUT_S": "30"}
+    log_path = tmp_path / "store.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "lineguard", "store"], env=env, stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    streamer = LineStreamer(settings, part2)
+    try:
+        publish_labels(settings, [early_label])
+        publish_line(settings, part1)
+        publish_line(settings, part1[:2])    # re-delivered: same frame_ids, new offsets
 
-    # 2. a restart replays everything; meanwhile two verdicts are re-delivered and a second label comes
-    publish_line(settings, verdicts[:2])
+        def part1_committed() -> bool:
+            offsets = group_offsets(settings, group, tracked)
+            return all(committed == end for committed, end in offsets.values() if end > 0)
+
+        assert wait_until(part1_committed, timeout_s=60), log_path.read_text()[-3000:]
+        assert stored_frame_ids(db_path) == expected1
+
+        streamer.start()
+        # Freeze the recorder after each save of part 2; SIGKILL it once a saved record's verdict is not
+        # committed yet (so the restart must re-deliver a stored record) while records are still missing.
+        seen, crashed = len(expected1), None
+        deadline = time.monotonic() + 60
+        while crashed is None and time.monotonic() < deadline and process.poll() is None:
+            if len(stored_frame_ids(db_path)) <= seen:
+                time.sleep(0.02)
+                continue
+            os.kill(process.pid, signal.SIGSTOP)
+            assert wait_until(lambda: process_state(process.pid) == "T", timeout_s=5, interval_s=0.01)
+            time.sleep(0.2)    # a commit request already on its way reaches the broker before we look
+            saved = stored_frame_ids(db_path)
+            assert wait_until(lambda saved=saved: saved - expected1 <= set(streamer.sent), timeout_s=10,
+                              interval_s=0.05)
+            offsets = group_offsets(settings, group, tracked)
+            if len(saved) < len(expected) and any(verdict_uncommitted(offsets, streamer.sent[f])
+                                                  for f in saved - expected1):
+                os.kill(process.pid, signal.SIGKILL)
+                crashed = offsets
+            else:
+                seen = len(saved)
+                os.kill(process.pid, signal.SIGCONT)
+        assert crashed is not None, "could not catch the recorder with a stored but uncommitted record"
+        assert process.wait(10) == -signal.SIGKILL
+        streamer.join(60)
+        assert not streamer.is_alive() and streamer.error is None, streamer.error
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+    survived = stored_frame_ids(db_path)
+    assert expected1 < survived < expected               # part 1 and some of part 2 survived the crash
+    after_crash = group_offsets(settings, group, tracked)
+    committed_at_crash = {tp: committed for tp, (committed, _) in crashed.items()}
+    assert {tp: committed for tp, (committed, _) in after_crash.items()} == committed_at_crash  # nothing since
+    sent = streamer.sent
+    replayed_verdicts = sum(end - (committed or 0) for (topic, _), (committed, end) in after_crash.items()
+                            if topic == VERDICTS)
+    replayed_records = {f for f in expected - expected1 if verdict_uncommitted(after_crash, sent[f])}
+    assert expected - survived <= replayed_records      # what was not saved will be re-delivered ...
+    assert replayed_records & survived                   # ... and so will a record already saved
+
+    # 2. the restart re-delivers exactly what was not committed; a label comes for a stored record
     late_label = Label(frame_id=labelled.frame_id, operator="bo", is_defect=True, defect_type="scratch",
                        mask_png=b"\x89PNG-mask", labeled_at=labelled.captured_at + timedelta(minutes=2))
     publish_labels(settings, [late_label])
     second = run_recorder(settings, storage_settings,
-                          lambda r: r.counters.verdicts >= len(verdicts) + 2 and r.counters.labels >= 2
-                          and not r.joiner.entries)
-    assert second.counters.duplicates == 2
+                          lambda r: r.counters.verdicts >= replayed_verdicts and r.counters.labels >= 1
+                          and r.counters.records >= len(replayed_records) and not r.joiner.entries)
+    assert second.counters.verdicts == replayed_verdicts
+    assert second.counters.records == len(replayed_records)   # stored ones stored again, over themselves
+    assert second.counters.labels == 1 and second.counters.bad == 0
+
+    # every partition's committed offset is its end offset: the broker has the commits, nothing is left
+    final = group_offsets(settings, group, tracked)
+    assert {tp: committed for tp, (committed, end) in final.items() if end > 0} == \
+        {tp: end for tp, (committed, end) in final.items() if end > 0}
+    assert all(committed in (None, 0) for committed, end in final.values() if end == 0)
 
     store = RecordStore.from_settings(settings, storage_settings)
     try:
         assert store.count_records() == len(expected)
         assert {r.frame_id for r in store.query(limit=1000)} == expected
+        # exact counts: replayed verdicts and the two re-deliveries are counted once
         assert store.counts() == {"frames": len(verdicts), "flagged": len(flagged), "sampled": len(samples)}
+        assert all(r.missing == [] for r in store.query(limit=1000))
+        resaved = store.get(sorted(replayed_records & survived)[0])
+        original = next(v for v in verdicts if v.frame_id == resaved.frame_id)
+        assert store.artifacts.get(resaved.image_uri) == frame_record(original)[1]
+        assert resaved.verdict(store) == original
         record = store.get(flagged[1].frame_id)
         assert record.kind == "flagged" and record.missing == [] and record.answer == flagged[1].answer
         assert store.artifacts.get(record.image_uri) == frame_record(flagged[1])[1]
@@ -153,11 +288,35 @@ def test_records_survive_a_crash_and_restart_idempotent(settings, tmp_path):
     finally:
         store.close()
 
-    # everything committed now: a third run finds nothing to do
-    assert all(offset is not None for offset in committed_offsets(settings, storage_settings.store_group).values()
-               if offset is not None)
-    third = run_recorder(settings, storage_settings, lambda r: False, timeout_s=5)
-    assert third.counters.verdicts == 0 and third.counters.records == 0
+    # 3. a third run, once it holds every partition, re-delivers nothing: it sees only three new frames
+    fresh = make_verdicts(3, start=minute_ago(1), defect_rate=1.0, prefix="fresh")
+    third = Recorder(settings, storage_settings)
+    partitions = len(final)
+
+    async def third_run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(third.run(stop=stop))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        try:
+            while len(third.consumer.assignment() if third.consumer else ()) < partitions:
+                assert loop.time() < deadline and not task.done(), "the restarted recorder got no assignment"
+                await asyncio.sleep(0.1)
+            for topic, items in line_items(fresh):
+                await publish(settings, topic, items)
+            while third.counters.records < len(fresh) or third.joiner.entries:
+                assert loop.time() < deadline and not task.done(), vars(third.counters)
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+
+    try:
+        asyncio.run(third_run())
+        assert (third.counters.verdicts, third.counters.frames, third.counters.labels) == (3, 3, 0)
+        assert third.counters.duplicates == 0 and third.store.count_records() == len(expected) + len(fresh)
+    finally:
+        third.store.close()
 
 
 def _check_failure_then_recover(settings, tmp_path, storage_settings, verdicts, message_part: str, *,

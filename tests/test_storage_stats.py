@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from storage_helpers import influx_query, make_verdicts, minute_ago, publish
+from storage_helpers import group_offsets, influx_query, make_verdicts, minute_ago, publish
 
 from storage.settings import load_storage_settings
 from storage.stats import WINDOWS, StatsService, score_bucket, size_class
@@ -175,3 +175,80 @@ def test_influxd_restart_mid_stream_loses_no_window(settings, tmp_path):
     finally:
         with contextlib.suppress(Exception):
             own.stop()
+
+
+
+def partition_of(camera: str, partitions: int = 6) -> int:
+    """The partition the producer's default partitioner gives this camera's verdicts (keyed by camera)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    return DefaultPartitioner()(camera.encode(), list(range(partitions)), list(range(partitions)))
+
+
+def cameras_on_distinct_partitions(n: int) -> list[str]:
+    chosen: dict[int, str] = {}
+    for i in range(100):
+        chosen.setdefault(partition_of(f"cam-{i}"), f"cam-{i}")
+        if len(chosen) == n:
+            return list(chosen.values())
+    raise AssertionError("not enough distinct partitions")
+
+
+def test_late_verdict_after_its_window_is_final_is_counted_late_not_written(settings):
+    """A verdict for a window already final (watermark past end + lateness) is counted in `late`, logged,
+    acknowledged at once, and never re-opens the window: the points in InfluxDB keep their final counts."""
+    from structlog.testing import capture_logs
+
+    line = f"late-{settings.topic_prefix}"
+    cam_a, cam_b, cam_ahead = cameras_on_distinct_partitions(3)
+    start = minute_ago(10)
+    on_time = make_verdicts(40, start=start, spacing_s=0.5, lines=(line,), cameras=(cam_a, cam_b), prefix="ok")
+    ahead = make_verdicts(1, start=start + timedelta(seconds=100), lines=(line,), cameras=(cam_ahead,), prefix="ahead")
+    late_a = on_time[0].model_copy(update={"frame_id": "late-a", "captured_at": start + timedelta(seconds=5)})
+    redelivered = on_time[0]                                          # same frame_id, its window final
+    late_b = on_time[1].model_copy(update={"frame_id": "late-b", "captured_at": start + timedelta(seconds=7)})
+    assert (late_a.camera_id, late_b.camera_id) == (cam_a, cam_b)
+    storage_settings = storage_settings_for(settings)     # lateness 5 s
+    url, db = settings.influx, settings.influx_database
+    want_10s, want_1m = expected_counts(on_time + ahead, "10s"), expected_counts(on_time + ahead, "1m")
+    on_time_windows = len(expected_counts(on_time, "10s")) + len(expected_counts(on_time, "1m"))
+
+    def records(verdicts):
+        return [(v.camera_id.encode(), v.to_bytes(), None) for v in verdicts]
+
+    def late_partitions_committed() -> bool:
+        offsets = group_offsets(settings, storage_settings.stats_group, ("verdicts",))
+        return all(offsets[("verdicts", partition_of(c))][0] == offsets[("verdicts", partition_of(c))][1]
+                   for c in (cam_a, cam_b))
+
+    async def scenario() -> StatsService:
+        service = StatsService(settings, storage_settings)
+        agg = service.aggregator
+        await service.start()
+        try:
+            await publish(settings, "verdicts", records(on_time + ahead))
+            # the verdict 100 s ahead moves the watermark: every window of `on_time` becomes final and is written
+            assert await run_until(service, lambda: agg.counters.windows_final == on_time_windows
+                                   and influx_counts(url, db, "10s", line) == want_10s
+                                   and influx_counts(url, db, "1m", line) == want_1m)
+            assert {w.camera for w in agg.windows.values()} == {cam_ahead}
+            # now the late ones; cam_a's partition wakes up after a silence, which holds the watermark back
+            await publish(settings, "verdicts", records([late_a, redelivered, late_b]))
+            assert await run_until(service, lambda: agg.counters.verdicts == len(on_time) + 4)
+            await asyncio.sleep(2.0)   # time to (wrongly) re-emit a re-opened window: ticks 0.5 s, idle 0.5 s
+            # acknowledged at once: faust commits both partitions to their end (cam_ahead's window stays open)
+            assert await run_until(service, late_partitions_committed, timeout_s=20)
+        finally:
+            await service.stop()
+        return service
+
+    with capture_logs() as logs:
+        service = asyncio.run(scenario())
+    counters = service.aggregator.counters
+    assert counters.late == 2                        # late_a and late_b
+    assert counters.duplicates == 1                  # the re-delivery of a frame whose window is final
+    assert counters.counted == len(on_time) + len(ahead)
+    assert {entry["frame_id"] for entry in logs if entry["event"] == "verdict_late"} == {"late-a", "late-b"}
+    # the final points are untouched: the late verdicts are in no window, the re-delivery is not counted again
+    assert influx_counts(url, db, "10s", line) == want_10s
+    assert influx_counts(url, db, "1m", line) == want_1m

@@ -23,12 +23,13 @@ from deploy.demo import ensure_simulator_references
 from deploy.stack import free_port
 from inference.offsets import OffsetTracker
 from inference.worker import InferenceWorker, WorkerConfig
-from ingest.publisher import as_published, publish
+from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_frame
 from lineguard.kafka import make_consumer, make_producer, start_client
 from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
+from tests.worker_helpers import dead_letters, group
 
 # --- the offset rule, without Kafka ----------------------------------------------------------------------
 
@@ -53,16 +54,6 @@ def test_offsets_commit_only_below_the_oldest_unfinished_frame():
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model():
-    from inference.scorer import build_scorer
-    from ingest.simulator import LineSimulator
-
-    scorer = build_scorer(device="cpu")
-    simulator = LineSimulator()
-    for product in ("disc", "tile"):  # references as the camera publishes them (JPEG), like the frames
-        scorer.set_references(product, [as_published(image, 90) for image in simulator.normal_references(product, 8)])
-    return scorer
 
 
 def worker_env(settings) -> dict:
@@ -71,10 +62,6 @@ def worker_env(settings) -> dict:
                                "LINEGUARD_STATE_DIR": str(settings.state_dir), "LINEGUARD_LOG_JSON": "1"}
 
 
-def group(settings) -> str:
-    """This test's own consumer group: a worker SIGKILLed by another test stays in a shared group
-    until its session times out, and would hold up every later join."""
-    return f"inference-{settings.topic_prefix}"
 
 
 def start_worker_process(settings, tmp_path, name: str, port: int) -> subprocess.Popen:
@@ -143,7 +130,7 @@ async def _run_worker_until(settings, model, expect_verdicts: int, produce, conf
     task = asyncio.create_task(worker.run())
     await produce()
     deadline = time.monotonic() + timeout_s
-    while worker.metrics.frames_total() + _dead(worker) < expect_verdicts and time.monotonic() < deadline:
+    while worker.metrics.frames_total() + dead_letters(worker) < expect_verdicts and time.monotonic() < deadline:
         if task.done():
             task.result()
         await asyncio.sleep(0.2)
@@ -152,9 +139,6 @@ async def _run_worker_until(settings, model, expect_verdicts: int, produce, conf
     return worker
 
 
-def _dead(worker) -> float:
-    return sum(sample.value for metric in worker.metrics.dead_letters.collect() for sample in metric.samples
-               if sample.name.endswith("_total"))
 
 
 def test_simulated_defects_are_flagged(settings, model):
@@ -177,6 +161,56 @@ def test_simulated_defects_are_flagged(settings, model):
         if verdict.is_anomalous:
             assert verdict.regions and 1 <= len(verdict.positions) <= 2
             assert verdict.latency.model_ms > 0 and verdict.model_version == model.version
+
+
+def test_two_model_calls_in_flight_keep_each_cameras_order(settings, model):
+    """On a GPU two batches are scored at once; verdicts still leave in fetch order, one per frame."""
+    n = 40
+
+    async def produce():
+        await publish(open_source("simulator", defect_rate=0.3, seed=5), settings, cameras=2, limit=n)
+
+    class Overlapping:
+        """The real model, counting how many of its calls run at the same time."""
+
+        def __init__(self, inner):
+            self.inner, self.device, self.version = inner, inner.device, inner.version
+            self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+        def products(self):
+            return self.inner.products()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def score(self, frames):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                time.sleep(0.02)  # hold the call open long enough for the next batch to arrive
+                return self.inner.score(frames)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+    counting = Overlapping(model)
+    config = WorkerConfig(max_batch=4, max_wait_ms=10, explain=False, model_threads=2, group_id=group(settings))
+    worker = asyncio.run(_run_worker_until(settings, counting, n, produce, config=config))
+    assert counting.most == 2, "two model calls never overlapped"
+    assert worker.metrics.frames_total() == n
+
+    def per_camera(records, frame_id) -> dict[bytes, list[str]]:
+        order: dict[bytes, list[str]] = {}
+        for record in records:
+            order.setdefault(record.key, []).append(frame_id(record))
+        return order
+
+    frames = asyncio.run(read_topic(settings, FRAMES, expect=n, idle_s=1, timeout_s=30))
+    verdicts = asyncio.run(read_topic(settings, VERDICTS, expect=n, idle_s=2, timeout_s=60))
+    sent = per_camera(frames, lambda r: FrameMeta.from_bytes(dict(r.headers)["lineguard-meta"]).frame_id)
+    scored = per_camera(verdicts, lambda r: Verdict.from_bytes(r.value).frame_id)
+    assert len(sent) == 2 and scored == sent
 
 
 def test_bad_frames_go_to_the_dead_letter_topic(settings, model):
@@ -342,7 +376,7 @@ def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_
                     yield frame
 
         await publish(Gasket(simulator), settings, limit=2)
-        while _dead(worker) < 2:
+        while dead_letters(worker) < 2:
             await asyncio.sleep(0.1)
         env = worker_env(settings)
         added = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "lineguard", "refs", "add",
@@ -362,7 +396,7 @@ def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_
         return worker
 
     worker = asyncio.run(asyncio.wait_for(scenario(), 180))
-    assert _dead(worker) == 2 and worker.metrics.frames_total() == 3
+    assert dead_letters(worker) == 2 and worker.metrics.frames_total() == 3
     listed = subprocess.run([sys.executable, "-m", "lineguard", "refs", "list"], env=worker_env(settings),
                             capture_output=True, text=True, timeout=60)
     assert "gasket\t2 image(s)" in listed.stdout
