@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from deploy.stack import EmbeddedStack
+from inference.model.api import MODEL_VERSION
 from inference.outputs import heatmap_png
 from inference.worker import FrameInput, InferenceWorker, WorkerConfig
 from ingest.publisher import as_published, encode_jpeg
@@ -303,7 +304,8 @@ def gpu_section(device: str = "cuda", encoder: str = GPU_ENCODER, frames: int = 
         "",
         f"Command: `{command}` (`make bench` runs it only on a machine with a CUDA device and otherwise keeps "
         "this section as it is)  ",
-        f"Machine: {machine()}. Whole section: {minutes:.1f} min.  ",
+        f"Machine: {machine()}. Model {MODEL_VERSION}, {datetime.now(UTC):%Y-%m-%d}. "
+        f"Whole section: {minutes:.1f} min.  ",
         (f"`{encoder}` is a vision tower of ViT-H/14's size (32 layers, width 1280, patch 14, 224 px) with random "
          "weights: its speed and memory are real, its verdicts are not. " if encoder == GPU_ENCODER else "")
         + "Frames are the simulator's parts (the MVTec data stays on the development machine).",

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol
 
 import cv2
@@ -92,7 +93,7 @@ class Scorer(Protocol):
 @dataclass(eq=False)
 class Item:
     record: object                         # aiokafka ConsumerRecord
-    fetched_at: float                      # time.monotonic()
+    fetched_at: float                      # time.monotonic() when getmany() returned it
     meta: FrameMeta | None = None
     frame: FrameInput | None = None
     scored: Scored | None = None
@@ -111,8 +112,11 @@ class WorkerConfig:
     text_batch: int = 8
     group_id: str = GROUP_ID
     queue_batches: int = 2            # batches buffered between stages
-    model_threads: int | None = None  # model calls in flight; None = 2 on CUDA (one batch's CPU pre/post-
-                                      # processing overlaps the next one's GPU work), 1 on a CPU
+    model_threads: int = 2            # model calls in flight. CUDA: one batch's CPU pre/post-processing
+                                      # overlaps the next one's GPU work. CPU: batches run side by side,
+                                      # each on its share of the cores (model_cpu_threads)
+    model_cpu_threads: int | None = None  # torch threads per model call on a CPU; None = torch's own thread
+                                          # count (the usable cores) / model_threads
     drain_timeout_s: float = 30.0
     http_port: int | None = None      # /healthz and /metrics; None = off
     explain: bool = True              # attach LVLM answers to flagged verdicts
@@ -129,8 +133,14 @@ class InferenceWorker:
         self.tracker = OffsetTracker()
         self.decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
         device = getattr(getattr(model, "device", None), "type", "cpu")
-        self.model_threads = self.config.model_threads or (2 if device == "cuda" else 1)
-        self.model_pool = ThreadPoolExecutor(self.model_threads, thread_name_prefix="model")
+        self.model_threads = max(1, self.config.model_threads)
+        initializer = None
+        if device == "cpu":
+            # one torch thread team per model thread, sized so the teams share the cores instead of
+            # fighting over them (OpenMP teams spin-wait: two full-size teams halve the speed of both)
+            per_call = self.config.model_cpu_threads or max(1, _torch_threads() // self.model_threads)
+            initializer = partial(_set_torch_threads, per_call)
+        self.model_pool = ThreadPoolExecutor(self.model_threads, thread_name_prefix="model", initializer=initializer)
         self.text_pool = ThreadPoolExecutor(1, thread_name_prefix="text")
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
@@ -209,26 +219,27 @@ class InferenceWorker:
                 batch = await self._collect_batch(stop)
                 if not batch:
                     continue
-                now = time.monotonic()
-                for record in batch:
+                for record, _ in batch:
                     self.tracker.add(TopicPartition(record.topic, record.partition), [record.offset])
-                items = [Item(record, now) for record in batch]
+                items = [Item(record, arrived) for record, arrived in batch]
                 self.metrics.batch_size.observe(len(items))
                 await decode_q.put(items)
         finally:
             stop.cancel()
             await decode_q.put(None)
 
-    async def _collect_batch(self, stop: asyncio.Future) -> list:
-        """Up to max_batch records, waiting at most max_wait_ms after the first one arrived."""
+    async def _collect_batch(self, stop: asyncio.Future) -> list[tuple[object, float]]:
+        """Up to max_batch (record, arrival time) pairs, waiting at most max_wait_ms after the first one
+        arrived; a frame's queue time starts at its arrival, so the batching wait is part of it."""
         wanted = self.config.max_batch
         batch: list = []
         deadline = None
         while len(batch) < wanted and not self._stopping.is_set():
             timeout_ms = 500 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             fetched = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=wanted - len(batch))
+            arrived = time.monotonic()
             for records in fetched.values():
-                batch.extend(records)
+                batch.extend((record, arrived) for record in records)
             if batch and deadline is None:
                 deadline = time.monotonic() + self.config.max_wait_ms / 1000
             if deadline is not None and time.monotonic() >= deadline:
@@ -534,3 +545,16 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+def _set_torch_threads(n: int) -> None:
+    """In a model thread: its torch ops use n threads (set per thread: other threads keep theirs)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
