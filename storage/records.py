@@ -23,7 +23,8 @@ committed per partition is the lowest offset still pending (`OffsetTracker`), so
 committed past a message whose record is not saved. Replays overwrite the same artifact paths and
 upsert the same frame_id. Counts are exact on replay because `count_progress` keeps, in the same
 transaction, the last verdict offset counted per partition; a verdict re-delivered under a new
-offset is recognised by its frame_id (a memory of the last 100 000) and not counted again.
+offset (an inference worker that re-published it) is recognised by its frame_id and not counted
+again: in memory (the last 100 000) and, across restarts, in `counted_frames`.
 
 A save that fails (unwritable artifact directory, full disk, database error) raises
 `StorageError` with the path and the reason; the recorder commits only the offsets before the first
@@ -61,7 +62,7 @@ from lineguard.settings import Settings
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
 from storage.artifacts import ArtifactStore, StorageError, open_artifact_store, safe_name
 from storage.labels import latest_status, save_labels, store_masks
-from storage.schema import as_utc, count_progress, frame_counts, metadata, naive_utc, records
+from storage.schema import as_utc, count_progress, counted_frames, frame_counts, metadata, naive_utc, records
 from storage.settings import StorageSettings, sqlite_path
 
 log = get_logger(__name__)
@@ -222,19 +223,25 @@ class RecordStore:
             progress[(topic, partition)] = row[0] if row else -1
         seen = dict(progress)
         increments: dict[tuple, list[int]] = {}
+        fresh = [c for c in counted if c.offset > progress[(c.topic, c.partition)] and c.verdict is not None]
+        already = self._counted_before(conn, {c.verdict.frame_id for c in fresh})
+        new_frames: dict[str, str] = {}
         for item in counted:
             topic, partition, offset, verdict = item.topic, item.partition, item.offset, item.verdict
             if offset <= progress[(topic, partition)]:
                 continue   # counted before a restart: this is a replay
             seen[(topic, partition)] = max(seen[(topic, partition)], offset)
-            if verdict is None:
-                continue
+            if verdict is None or verdict.frame_id in already or verdict.frame_id in new_frames:
+                continue   # the same frame's verdict again, under another offset
+            new_frames[verdict.frame_id] = as_utc(verdict.captured_at).strftime("%Y-%m-%d")
             key = (as_utc(verdict.captured_at).strftime("%Y-%m-%d"), verdict.line_id, verdict.camera_id,
                    verdict.product)
             totals = increments.setdefault(key, [0, 0, 0])
             totals[0] += 1
             totals[1] += verdict.is_anomalous
             totals[2] += item.sample
+        if new_frames:
+            conn.execute(counted_frames.insert(), [{"frame_id": f, "day": d} for f, d in new_frames.items()])
         for (day, line_id, camera_id, product), (frames, flagged, sample) in increments.items():
             where = (frame_counts.c.day == day, frame_counts.c.line_id == line_id,
                      frame_counts.c.camera_id == camera_id, frame_counts.c.product == product)
@@ -255,6 +262,16 @@ class RecordStore:
                 conn.execute(update(count_progress).where(count_progress.c.topic == topic,
                                                           count_progress.c.kafka_partition == partition)
                              .values(counted_through=offset))
+
+    @staticmethod
+    def _counted_before(conn, frame_ids: set[str]) -> set[str]:
+        found: set[str] = set()
+        ids = sorted(frame_ids)
+        for start in range(0, len(ids), 500):  # SQLite binds at most 999 parameters per statement
+            chunk = ids[start:start + 500]
+            found.update(conn.execute(select(counted_frames.c.frame_id)
+                                      .where(counted_frames.c.frame_id.in_(chunk))).scalars())
+        return found
 
     def _upsert_records(self, conn, pending: list[PendingRecord], uris: list[dict], now: datetime) -> None:
         if not pending:
@@ -303,6 +320,9 @@ class RecordStore:
                     if uri:
                         self.artifacts.delete(uri)
             removed += len(rows)
+        with self.engine.begin() as conn:  # the frame_ids behind counts older than any record kept
+            day = (now - timedelta(days=max(retention_days, normal_retention_days))).strftime("%Y-%m-%d")
+            conn.execute(counted_frames.delete().where(counted_frames.c.day < day))
         if removed:
             log.info("records_purged", removed=removed, retention_days=retention_days,
                      normal_retention_days=normal_retention_days)

@@ -6,6 +6,7 @@
 | `labels` | id; unique (frame_id, operator, labeled_at) | operators' Label events; what the nightly training reads |
 | `frame_counts` | (day, line_id, camera_id, product) | every verdict counted: frames, flagged, sampled |
 | `count_progress` | (topic, kafka_partition) | last verdict offset in `frame_counts` (exact counts on replay) |
+| `counted_frames` | frame_id | frames in `frame_counts`: a verdict re-sent under a new offset counts once |
 
 Times are stored as naive UTC datetimes; `as_utc` turns them back into aware ones.
 """
@@ -84,6 +85,12 @@ count_progress = Table(
     Column("topic", String(255), primary_key=True),
     Column("kafka_partition", Integer, primary_key=True),
     Column("counted_through", BigInteger, nullable=False),
+)
+
+counted_frames = Table(
+    "counted_frames", metadata,
+    Column("frame_id", String(200), primary_key=True),
+    Column("day", String(10), nullable=False, index=True),   # purged with the retention of flagged records
 )
 
 

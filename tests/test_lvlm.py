@@ -79,6 +79,7 @@ def test_guard_rejects_contradictions_drift_and_missing_figures():
     assert not guard("You should buy a new car.", ONE, "What now?")                        # off topic
     assert guard("The anomaly is at the top left of the image.", ONE, "Where is it?")
     assert guard("The anomaly covers 412 px, about 6.44 mm².", ONE, "How big is it?")
+    assert not guard("The anomaly is at the top left, which is 412 pixels wide.", ONE, "How big is it?")
     assert guard("The image looks normal, no anomaly was found.", NORMAL, "Is it fine?")
 
 

@@ -389,3 +389,32 @@ def test_retention_purges_old_unlabelled_records_and_their_artifacts(tmp_path):
             store.artifacts.get(purged_image)
     finally:
         store.close()
+
+
+def test_a_verdict_resent_under_a_new_offset_counts_once_across_a_restart(tmp_path):
+    """An inference worker that crashed after publishing re-publishes the same frame's verdict at a new
+    offset; a recorder restarted in between (its memory of recent frame_ids gone) still counts it once."""
+    from storage.artifacts import open_artifact_store
+    from storage.records import Counted, SaveBatch
+
+    url = f"sqlite:///{tmp_path / 'records.sqlite'}"
+    verdicts = make_verdicts(6, start=minute_ago(5), defect_rate=0.5, prefix="resent")
+    first = RecordStore(url, open_artifact_store(str(tmp_path / "artifacts")))
+    first.save(SaveBatch(counted=[Counted("lineguard.verdicts", 0, i, v) for i, v in enumerate(verdicts)]))
+    before = first.counts()
+    assert before["frames"] == 6 and before["flagged"] == sum(v.is_anomalous for v in verdicts)
+    first.close()
+
+    restarted = RecordStore(url, open_artifact_store(str(tmp_path / "artifacts")))
+    resent = [Counted("lineguard.verdicts", 0, 10 + i, v) for i, v in enumerate(verdicts[:3])]
+    fresh = make_verdicts(2, start=minute_ago(1), prefix="fresh")
+    restarted.save(SaveBatch(counted=resent + [Counted("lineguard.verdicts", 0, 20 + i, v)
+                                               for i, v in enumerate(fresh)]))
+    after = restarted.counts()
+    assert after["frames"] == 6 + 2, "re-sent verdicts were counted again"
+    assert after["flagged"] == before["flagged"] + sum(v.is_anomalous for v in fresh)
+    # the memory of counted frames is purged with the records' retention, not kept for ever
+    restarted.purge(retention_days=0, normal_retention_days=0, now=minute_ago(-60 * 24 * 2))
+    restarted.save(SaveBatch(counted=[Counted("lineguard.verdicts", 0, 30, verdicts[0])]))
+    assert restarted.counts()["frames"] == 9
+    restarted.close()

@@ -343,6 +343,10 @@ def guard(reply: str, verdict, question: str | None) -> bool:
             figures.add(f"{verdict.regions[0].area_mm2:.2f}")
         if not any(figure in text for figure in figures):
             return False
+        # an area is not a length: "41517 pixels wide" misreads the figure
+        if re.search(r"\b\d[\d,.]*\s*(px|pixels?|mm)\s+(wide|long|tall|high|across|in (width|length|diameter))",
+                     text):
+            return False
     if kind == "confidence" and f"{verdict.confidence:.0%}" not in text:
         return False
     # on topic: it speaks of the inspection, or names the verdict's positions or figures
