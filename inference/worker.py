@@ -290,27 +290,13 @@ class InferenceWorker:
         ended = False
         while True:
             if not pending and not ended:
-                if in_flight:  # hand on finished batches while waiting for the next frames
-                    getter = asyncio.ensure_future(score_q.get())
-                    try:
-                        while in_flight and not getter.done():
-                            await asyncio.wait([getter, in_flight[0][1]], return_when=asyncio.FIRST_COMPLETED)
-                            while in_flight and in_flight[0][1].done():
-                                await self._scored(*in_flight.popleft(), publish_q)
-                        batch = await getter
-                    finally:
-                        getter.cancel()
-                else:
-                    batch = await score_q.get()
-                if batch is None:
-                    ended = True
-                else:
-                    pending.extend(batch)
+                batch = await self._next_batch(score_q, in_flight, publish_q)
+                ended = batch is None
+                pending.extend(batch or [])
             while len(pending) < self.config.max_batch and not ended and not score_q.empty():
-                if (batch := score_q.get_nowait()) is None:
-                    ended = True
-                else:
-                    pending.extend(batch)
+                batch = score_q.get_nowait()
+                ended = batch is None
+                pending.extend(batch or [])
             if not pending:
                 break
             items, pending = pending[:self.config.max_batch], pending[self.config.max_batch:]
@@ -322,6 +308,21 @@ class InferenceWorker:
         while in_flight:
             await self._scored(*in_flight.popleft(), publish_q)
         await publish_q.put(None)
+
+    async def _next_batch(self, score_q: asyncio.Queue, in_flight: collections.deque,
+                          publish_q: asyncio.Queue) -> list[Item] | None:
+        """The next decoded batch (None at the end); batches the model finishes meanwhile are handed on."""
+        if not in_flight:
+            return await score_q.get()
+        getter = asyncio.ensure_future(score_q.get())
+        try:
+            while in_flight and not getter.done():
+                await asyncio.wait([getter, in_flight[0][1]], return_when=asyncio.FIRST_COMPLETED)
+                while in_flight and in_flight[0][1].done():
+                    await self._scored(*in_flight.popleft(), publish_q)
+            return await getter
+        finally:
+            getter.cancel()
 
     def _timed_score(self, frames: list) -> tuple[list, float, float]:
         """In the model thread: (results, start, end) on the monotonic clock, so a batch that waited for
@@ -358,8 +359,10 @@ class InferenceWorker:
             await asyncio.gather(*pending)
         await text_q.put(None)
 
-    async def _publish_batch(self, items: list[Item], text_q: asyncio.Queue, turn: asyncio.Event | None = None,
-                             sent: asyncio.Event | None = None) -> None:
+    async def _publish_batch(self, items: list[Item], text_q: asyncio.Queue, turn: asyncio.Event | None,
+                             sent: asyncio.Event) -> None:
+        """`turn` is set once the batch before this one has handed its records to the producer (None for the
+        first batch); this one sets `sent` once it has handed over its own."""
         started = time.monotonic()
         sends = []
         flagged = []
@@ -376,8 +379,7 @@ class InferenceWorker:
                     sends.append(await self.producer.send(self.settings.topic(VERDICTS),
                                                           self._verdict(item, started).to_bytes(), key=key))
         finally:
-            if sent is not None:
-                sent.set()
+            sent.set()
         await asyncio.gather(*sends)
         flagged_ids = {id(item) for item in flagged}
         for item in items:
@@ -548,7 +550,9 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 def _set_torch_threads(n: int) -> None:
-    """In a model thread: its torch ops use n threads (set per thread: other threads keep theirs)."""
+    """In a model thread, before its first torch op: its ops use n threads. Threads that already ran
+    torch ops (the main thread, which built the model) keep their own count; threads started later
+    begin with n."""
     import torch
 
     torch.set_num_threads(n)

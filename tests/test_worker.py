@@ -26,10 +26,10 @@ from inference.worker import InferenceWorker, WorkerConfig
 from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_frame
-from lineguard.kafka import make_consumer, make_producer, start_client
+from lineguard.kafka import make_producer, start_client
 from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
-from tests.worker_helpers import dead_letters, group
+from tests.worker_helpers import dead_letters, group, group_lag
 
 # --- the offset rule, without Kafka ----------------------------------------------------------------------
 
@@ -323,22 +323,9 @@ def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
     assert set(outputs.verdicts) == ids and set(outputs.heatmaps) == ids
     assert done_a > 0 and done_b > 0, f"both workers should have scored frames: a={done_a} b={done_b}"
     # every offset is committed after the graceful stop
-    assert asyncio.run(_lag(settings)) == 0
+    assert asyncio.run(group_lag(settings)) == 0
 
 
-async def _lag(settings) -> int:
-    consumer = make_consumer(settings, group_id=group(settings))  # no subscription: only reads commits
-    await start_client(settings, consumer)
-    try:
-        partitions = [TopicPartition(settings.topic(FRAMES), p) for p in range(6)]
-        ends = await consumer.end_offsets(partitions)
-        lag = 0
-        for tp in partitions:
-            committed = await consumer.committed(tp) or 0
-            lag += ends[tp] - committed
-        return lag
-    finally:
-        await consumer.stop()
 
 
 def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_path):

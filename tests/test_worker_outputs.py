@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pytest
-from aiokafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.stack import free_port
@@ -34,26 +33,11 @@ from ingest.publisher import as_published, publish
 from ingest.simulator import LineSimulator
 from ingest.sources import SourceFrame, open_source
 from lineguard.events import FrameMeta, Heatmap, Verdict, encode_frame
-from lineguard.kafka import ensure_topics, make_consumer, make_producer, start_client
+from lineguard.kafka import ensure_topics, make_producer, start_client
 from lineguard.settings import load_settings
 from lineguard.topics import FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
-from tests.worker_helpers import dead_letters, group
-
-
-async def _lag(settings) -> int:
-    """Frames on the frames topic past the group's committed offsets."""
-    consumer = make_consumer(settings, group_id=group(settings))  # no subscription: only reads commits
-    await start_client(settings, consumer)
-    try:
-        partitions = [TopicPartition(settings.topic(FRAMES), p) for p in range(6)]
-        ends = await consumer.end_offsets(partitions)
-        committed = [await consumer.committed(tp) or 0 for tp in partitions]
-        return sum(ends[tp] - offset for tp, offset in zip(partitions, committed, strict=True))
-    finally:
-        await consumer.stop()
-
-
+from tests.worker_helpers import dead_letters, group, group_lag
 
 
 class Recording:
@@ -432,7 +416,7 @@ def test_stop_during_a_model_call_finishes_commits_and_a_second_worker_redeliver
     assert done < n, "the first worker scored everything: the stop came too late to test anything"
     first_ids = [v.frame_id for v in _verdicts(settings, done)]
     assert len(first_ids) == len(set(first_ids)) == done
-    assert asyncio.run(_lag(settings)) == n - done, "the first worker did not commit what it published"
+    assert asyncio.run(group_lag(settings)) == n - done, "the first worker did not commit what it published"
 
     async def second():
         worker = InferenceWorker(settings, Recording(model), WorkerConfig(max_batch=8, max_wait_ms=20, explain=False,
@@ -452,4 +436,4 @@ def test_stop_during_a_model_call_finishes_commits_and_a_second_worker_redeliver
     assert [f for f in first_ids if copies[f] > 1] == [], "frames published by the first worker were re-delivered"
     assert set(copies) == all_ids and set(copies.values()) == {1}, "every frame exactly once"
     assert sorted(h.frame_id for h in _heatmaps(settings, n)) == sorted(all_ids)
-    assert asyncio.run(_lag(settings)) == 0
+    assert asyncio.run(group_lag(settings)) == 0

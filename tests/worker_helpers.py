@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from aiokafka.structs import TopicPartition
+
+from lineguard.kafka import make_consumer, start_client
+from lineguard.topics import FRAMES
+
 
 def group(settings) -> str:
     """This test's own consumer group: a worker SIGKILLed by another test stays in a shared group
@@ -12,3 +17,16 @@ def group(settings) -> str:
 def dead_letters(worker) -> float:
     return sum(sample.value for metric in worker.metrics.dead_letters.collect() for sample in metric.samples
                if sample.name.endswith("_total"))
+
+
+async def group_lag(settings) -> int:
+    """Frames on the frames topic past the test group's committed offsets."""
+    consumer = make_consumer(settings, group_id=group(settings))  # no subscription: only reads commits
+    await start_client(settings, consumer)
+    try:
+        partitions = [TopicPartition(settings.topic(FRAMES), p) for p in range(6)]
+        ends = await consumer.end_offsets(partitions)
+        committed = [await consumer.committed(tp) or 0 for tp in partitions]
+        return sum(ends[tp] - offset for tp, offset in zip(partitions, committed, strict=True))
+    finally:
+        await consumer.stop()

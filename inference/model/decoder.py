@@ -172,9 +172,8 @@ class PrototypeBranch(nn.Module):
     is enough and no defect image is ever needed.
     """
 
-    def __init__(self, stage_dims: tuple[int, ...], temperature: float = 100.0):
+    def __init__(self, temperature: float = 100.0):
         super().__init__()
-        self.stage_dims = stage_dims
         self.temperature = temperature
 
     def stage_maps(self, stages: list[torch.Tensor], prototypes: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -246,7 +245,7 @@ class AnomalyDecoder(nn.Module):
         if text_dim is not None:
             self.semantic: nn.Module = TextBranch(stage_dims, text_dim, token_head, config.temperature)
         else:
-            self.semantic = PrototypeBranch(stage_dims, config.temperature)
+            self.semantic = PrototypeBranch(config.temperature)
         self._kernel_cache: dict[tuple, torch.Tensor] = {}
 
     @property
