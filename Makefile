@@ -14,12 +14,14 @@ install: apt $(STAMP)
 
 # Debian packages, only those whose command is missing: influxd (InfluxDB 1.x) for the embedded stack
 # and the tests; node and npm for the Grafana schema check (tsc against @grafana/schema, installed by
-# `npm ci` from deploy/grafana/schema-check/package-lock.json when the test first runs).
+# `npm ci` from deploy/grafana/schema-check/package-lock.json when the test first runs); chromium for the
+# console's browser test (Playwright from PyPI drives /usr/bin/chromium; it never downloads a browser).
 apt:
 	@packages=""; \
 	command -v influxd >/dev/null 2>&1 || packages="$$packages influxdb"; \
 	command -v node >/dev/null 2>&1 || packages="$$packages nodejs npm"; \
 	command -v node >/dev/null 2>&1 && ! command -v npm >/dev/null 2>&1 && packages="$$packages npm"; \
+	command -v chromium >/dev/null 2>&1 || packages="$$packages chromium"; \
 	if [ -n "$$packages" ]; then \
 		echo "installing Debian packages:$$packages"; \
 		$(SUDO) apt-get update -q && \

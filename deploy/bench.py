@@ -448,10 +448,15 @@ def write_benchmarks(output: Path, quick: bool = False, echo=print) -> None:
         output.write_text(text)
     else:
         echo("no CUDA device: the gpu section (`lineguard bench gpu`) is left as it is")
-    sections = [("model", "inference.bench"), ("storage", "storage.bench")]
-    for name, module in sections:
+    sections = [("model", "inference.bench", "markdown_section"),
+                ("thresholds", "inference.bench", "threshold_section"),
+                ("storage", "storage.bench", "markdown_section"),
+                ("memory", "deploy.memory_bench", "markdown_section"),
+                ("dialogue", "dialogue.bench", "markdown_section"),
+                ("training", "training.bench", "markdown_section")]
+    for name, module, function in sections:
         try:
-            section = __import__(module, fromlist=["markdown_section"]).markdown_section
+            section = getattr(__import__(module, fromlist=[function]), function)
         except (ImportError, AttributeError) as exc:
             echo(f"{name} benchmark unavailable: {exc}")
             continue

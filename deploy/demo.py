@@ -2,6 +2,7 @@
 
     simulator ──frames──▶ lineguard infer ──verdicts──▶ live console view
                                           └──▶ lineguard stats (InfluxDB) and lineguard store (records)
+                                                  └──▶ lineguard dialogue (operator console, labels)
 
 It starts the embedded stack (or reuses one that `lineguard up` runs), registers normal
 references for the simulated products when none exist, starts the services as child
@@ -18,7 +19,7 @@ import urllib.error
 import urllib.request
 
 from deploy.services import Services
-from deploy.stack import EmbeddedStack, free_port, running_stack
+from deploy.stack import EmbeddedStack, free_port, port_in_use, running_stack
 from inference.monitor import watch_verdicts
 from inference.references import ReferenceStore
 from ingest.publisher import as_published, publish
@@ -32,6 +33,8 @@ log = get_logger(__name__)
 
 REFERENCE_SHOTS = 8
 WORKER_READY_TIMEOUT_S = 180.0
+DIALOGUE_PORT = 8080
+DEMO_OPERATOR = "demo-operator"
 
 
 def ensure_simulator_references(settings: Settings, size: int = 256) -> list[str]:
@@ -90,8 +93,11 @@ def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: floa
              f"metrics http://127.0.0.1:{http_port}/metrics) …")
         services.start("stats", ["stats"])
         services.start("store", ["store"])
+        console_url, token = start_dialogue(settings, services)
         health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", services, WORKER_READY_TIMEOUT_S)
         echo(f"worker ready: model {health['model_version']}, products {', '.join(health['products'])}")
+        wait_healthy(f"{console_url}healthz", services, WORKER_READY_TIMEOUT_S)
+        echo(f"operator console {console_url}  (demo operator token: {token})")
         echo("where the data lives:\n" + where_data_lives(settings))
         asyncio.run(_line_and_view(settings, rate, cameras, defect_rate, seconds, services))
         echo("where the data lives:\n" + where_data_lives(settings))
@@ -100,6 +106,18 @@ def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: floa
             services.stop()
         if stack is not None:
             stack.stop()
+
+
+def start_dialogue(settings: Settings, services: Services) -> tuple[str, str]:
+    """Start `lineguard dialogue` on 127.0.0.1 (port 8080, or a free one when it is taken) with a fresh demo
+    operator token (its hash in <state_dir>/dialogue-tokens.json); returns (console URL, token)."""
+    from dialogue.auth import create_token
+    from dialogue.settings import load_dialogue_settings
+
+    token = create_token(load_dialogue_settings().token_file(settings), DEMO_OPERATOR, "operator")
+    port = DIALOGUE_PORT if not port_in_use(DIALOGUE_PORT) else free_port()
+    services.start("dialogue", ["dialogue", "--host", "127.0.0.1", "--port", str(port)])
+    return f"http://127.0.0.1:{port}/", token
 
 
 async def _line_and_view(settings: Settings, rate: float, cameras: int, defect_rate: float,

@@ -4,7 +4,9 @@
     ...     services.start("infer", ["infer", "--http-port", "9102"])
 
 Each child gets its own process group and log file `<state_dir>/<name>.log`; `stop()` sends
-SIGTERM (the services finish their in-flight work and commit), then SIGKILL after a timeout.
+SIGTERM (the services finish their in-flight work and commit), then SIGKILL after a timeout. A child
+whose parent dies without stopping it (SIGKILL, a crash) is killed by the kernel (`die_with_parent`):
+its uncommitted frames are delivered again to the next worker, and nothing holds on to a port.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deploy.processes import die_with_parent
 from lineguard.logging import get_logger
 
 log = get_logger(__name__)
@@ -33,7 +36,7 @@ class Services:
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "lineguard", *args], stdout=log_file,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
         self.children[name] = process
         log.info("service_started", service=name, pid=process.pid, log=str(log_path))
         return process

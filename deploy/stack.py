@@ -4,8 +4,10 @@
     >>> with EmbeddedStack(load_settings(embedded_kafka_port=0, embedded_influx_port=0)) as stack:
     ...     print(stack.kafka_bootstrap, stack.influx_url)
 
-Each server runs in its own process group, so `stop()` takes down everything it started.
-The endpoints and PIDs go to `<state_dir>/stack.json`, where other commands find them.
+Each server runs in its own process group, so `stop()` takes down everything it started, and dies with
+this process however it ends (`deploy/processes.py`). The endpoints and PIDs go to
+`<state_dir>/stack.json`, where other commands find them; `stop_recorded_stack` (`lineguard down`)
+stops the stack a file names, and `start()` clears a stale one (owner gone) before it begins.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.processes import create_time, die_with_parent, port_holder, same_process, terminate, wait_gone
 from lineguard import tansu
 from lineguard.kafka import ensure_topics
 from lineguard.logging import get_logger
@@ -77,17 +80,8 @@ def port_in_use(port: int) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) counts as gone
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
+    """Is the process running? A zombie (exited, not yet reaped) counts as gone."""
+    return create_time(pid) is not None
 
 
 @dataclass
@@ -113,7 +107,7 @@ class EmbeddedStack:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
-        self._refuse_if_running()
+        clear_stale_stack(self.settings)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_kafka()
@@ -166,9 +160,7 @@ class EmbeddedStack:
 
     # -- servers -----------------------------------------------------------------------------
     def _start_kafka(self) -> None:
-        if port_in_use(self.kafka_port):
-            raise StackError(f"port {self.kafka_port} is in use; set LINEGUARD_EMBEDDED_KAFKA_PORT "
-                             "to a free port (0 picks one)")
+        _refuse_busy_port(self.kafka_port, "LINEGUARD_EMBEDDED_KAFKA_PORT")
         child = self._spawn("tansu", tansu.broker_command(self.kafka_port))
         self._wait(child, lambda: port_in_use(self.kafka_port))
 
@@ -176,9 +168,7 @@ class EmbeddedStack:
         influxd = shutil.which("influxd") or "/usr/bin/influxd"
         if not Path(influxd).exists():
             raise StackError("influxd not found: install the Debian package 'influxdb' (make install does)")
-        if port_in_use(self.influx_port):
-            raise StackError(f"port {self.influx_port} is in use; set LINEGUARD_EMBEDDED_INFLUX_PORT "
-                             "to a free port (0 picks one)")
+        _refuse_busy_port(self.influx_port, "LINEGUARD_EMBEDDED_INFLUX_PORT")
         root = self.state_dir / "influxdb"
         root.mkdir(parents=True, exist_ok=True)
         config = root / "influxdb.conf"
@@ -204,7 +194,8 @@ class EmbeddedStack:
         log_path = self.state_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       preexec_fn=die_with_parent(signal.SIGTERM))
         child = Child(name, process, log_path)
         self.children.append(child)
         log.info("server_started", server=name, pid=process.pid, log=str(log_path))
@@ -237,25 +228,14 @@ class EmbeddedStack:
             os.killpg(process.pid, signal.SIGKILL)
         log.info("server_stopped", server=child.name, pid=process.pid, code=process.returncode)
 
-    def _refuse_if_running(self) -> None:
-        stack_file = self.settings.stack_file
-        if not stack_file.exists():
-            return
-        try:
-            previous = json.loads(stack_file.read_text())
-        except ValueError:
-            return
-        alive = {name: pid for name, pid in previous.get("pids", {}).items() if pid_alive(pid)}
-        if alive and pid_alive(previous.get("owner_pid", -1)):
-            raise StackError(f"an embedded stack is already running from {stack_file} (pids {alive}); "
-                             "stop it first, or use another LINEGUARD_STATE_DIR")
-
     def _write_stack_file(self) -> None:
         info = {
             "owner_pid": os.getpid(),
             "kafka_bootstrap": self.kafka_bootstrap,
             "influx_url": self.influx_url if self.with_influx else None,
+            "owner_create_time": create_time(os.getpid()),
             "pids": self.pids,
+            "create_times": {name: create_time(pid) for name, pid in self.pids.items()},
             "started_at": time.time(),
         }
         path = self.settings.stack_file
@@ -264,10 +244,80 @@ class EmbeddedStack:
         tmp.replace(path)
 
 
-def running_stack(settings: Settings) -> dict | None:
-    """The stack file's content when its owner process is alive, else None."""
+def _refuse_busy_port(port: int, setting: str) -> None:
+    if not port_in_use(port):
+        return
+    holder = port_holder(port)
+    fix = ("`lineguard down` stops a lineguard stack" if holder and ("tansu" in holder or "influxd" in holder)
+           else "stop that process")
+    raise StackError(f"port {port} is in use{f' by {holder}' if holder else ''}; {fix}, or set {setting} "
+                     "to a free port (0 picks one)")
+
+
+def _read_stack_file(settings: Settings) -> dict | None:
     try:
         info = json.loads(settings.stack_file.read_text())
     except (OSError, ValueError):
         return None
-    return info if pid_alive(info.get("owner_pid", -1)) else None
+    return info if isinstance(info, dict) else None
+
+
+def _owner_alive(info: dict) -> bool:
+    return same_process(info.get("owner_pid"), info.get("owner_create_time"))
+
+
+def _recorded_servers(info: dict) -> dict[str, int]:
+    """The servers of a stack file that are still the processes it recorded (a reused pid is not ours)."""
+    times = info.get("create_times") or {}
+    return {name: pid for name, pid in (info.get("pids") or {}).items()
+            if isinstance(pid, int) and same_process(pid, times.get(name))}
+
+
+def clear_stale_stack(settings: Settings) -> None:
+    """Before a start: refuse if a live stack owns the state dir; stop the leftovers of a dead one and remove
+    its file."""
+    info = _read_stack_file(settings)
+    if info is None:
+        return
+    servers = _recorded_servers(info)
+    if _owner_alive(info):
+        raise StackError(f"an embedded stack is already running from {settings.stack_file} (owner pid "
+                         f"{info.get('owner_pid')}, servers {servers}); stop it with `lineguard down`, or use "
+                         "another LINEGUARD_STATE_DIR")
+    for name, pid in servers.items():
+        log.warning("stale_server_stopped", server=name, pid=pid)
+        terminate(pid)
+    settings.stack_file.unlink(missing_ok=True)
+    log.info("stale_stack_cleared", file=str(settings.stack_file), owner_pid=info.get("owner_pid"),
+             servers=servers)
+
+
+def stop_recorded_stack(settings: Settings, timeout_s: float = 20.0) -> list[str]:
+    """`lineguard down`: stop the stack that `stack.json` names, started from any shell. Its owner (`up` or
+    `demo`) is asked first (SIGTERM: it stops its services and servers in order); servers still alive after
+    it are stopped directly. Returns what was done, one line each."""
+    info = _read_stack_file(settings)
+    if info is None:
+        return [f"no embedded stack recorded in {settings.stack_file}"]
+    done = []
+    owner = info.get("owner_pid")
+    if _owner_alive(info):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(owner, signal.SIGTERM)
+        if wait_gone(owner, timeout_s):
+            done.append(f"stopped owner pid {owner}")
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner, signal.SIGKILL)
+            done.append(f"killed owner pid {owner} (it did not stop within {timeout_s:.0f} s)")
+    for name, pid in _recorded_servers(info).items():
+        terminate(pid)
+        done.append(f"stopped {name} pid {pid}")
+    settings.stack_file.unlink(missing_ok=True)
+    return done or [f"the stack in {settings.stack_file} had already stopped; removed the file"]
+
+
+def running_stack(settings: Settings) -> dict | None:
+    """The stack file's content when its owner process is alive, else None."""
+    info = _read_stack_file(settings)
+    return info if info is not None and _owner_alive(info) else None

@@ -198,3 +198,74 @@ def markdown_section(data_root: Path | None = None) -> str:
             + "Command: `python -c \"from inference.bench import markdown_section; print(markdown_section())\"` "
               "(part of `make bench`).\n\n"
             + speed)
+
+
+# --- the automatic threshold on every development category (BENCHMARKS.md section "thresholds") -------------
+
+DEV_CATEGORIES = ("mvtec-ad/bottle", "mvtec-ad/transistor", "mpdd/metal_plate")
+THRESHOLD_SHOTS = (1, 2, 4, 8)
+THRESHOLD_KEYS = ("image_auroc", "pixel_auroc", "balanced_accuracy", "best_balanced_accuracy", "threshold_gap",
+                  "recall", "false_alarm_rate", "confidence_ece")
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("LINEGUARD_DATASETS_DIR", REPO.parent / "shared" / "datasets"))
+
+
+def threshold_results(root: Path, shots=THRESHOLD_SHOTS, seeds: int = SEEDS) -> dict:
+    """{(category, shots): {"tail": result, "margin": result}}: today's rule and the older one on the same draws."""
+    from inference.eval import evaluate
+    from inference.model.api import InspectionModel, ModelConfig
+    from inference.model.verdict import VerdictConfig
+
+    models = {rule: InspectionModel(ModelConfig(device="cpu", verdict=VerdictConfig(rule=rule)))
+              for rule in ("tail", "margin")}
+    results = {}
+    for category in DEV_CATEGORIES:
+        if not (root / category / "test").is_dir():
+            continue
+        for k in shots:
+            results[(category, k)] = {rule: evaluate(root / category, shots=k, seeds=seeds, model=model)
+                                      for rule, model in models.items()}
+    return results
+
+
+def threshold_section(root: Path | None = None, results: dict | None = None) -> str:
+    root = Path(root) if root is not None else datasets_root()
+    header = "## The automatic threshold on the development categories\n\n"
+    started = time.perf_counter()
+    results = results if results is not None else threshold_results(root)
+    if not results:
+        return header + f"Skipped: none of {', '.join(DEV_CATEGORIES)} under `{root}` (set `LINEGUARD_DATASETS_DIR`).\n"
+    minutes = (time.perf_counter() - started) / 60
+    rows = ["| category | shots | rule | image AUROC | pixel AUROC | auto balanced acc. | best balanced acc. | gap | "
+            "recall | false alarms | confidence ECE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (category, k), by_rule in results.items():
+        for rule, label in (("tail", "tail (today)"), ("margin", "baseline: margin")):
+            r = by_rule[rule]
+            rows.append(f"| {category} | {k} | {label} | " + " | ".join(_cell(r, key) for key in THRESHOLD_KEYS) + " |")
+    checks = ["| target | category | shots | measured | met |", "|---|---|---|---|---|"]
+    for (category, k), by_rule in results.items():
+        r = by_rule["tail"]
+        if k in (1, 8):
+            limit = 10.0 if k == 1 else 5.0
+            checks.append(f"| threshold_gap ≤ {limit:.0f} | {category} | {k} | {r['threshold_gap']:.1f} | "
+                          f"{'yes' if r['threshold_gap'] <= limit else 'no'} |")
+        if k == 8 and r["image_auroc"] >= 90:
+            checks.append(f"| recall ≥ 80 (image AUROC ≥ 90) | {category} | 8 | {r['recall']:.1f} | "
+                          f"{'yes' if r['recall'] >= 80 else 'no'} |")
+    rules = ("tail", "margin")
+    gaps = {rule: np.mean([by_rule[rule]["threshold_gap"] for by_rule in results.values()]) for rule in rules}
+    worst = {rule: max(by_rule[rule]["threshold_gap"] for by_rule in results.values()) for rule in rules}
+    return (header
+            + f"Machine: {machine()}. Whole section: {minutes:.1f} min. Command, per row: `lineguard eval --data "
+              f"{root}/<category> --shots K --seeds {SEEDS} --json` (the baseline: "
+              "`VerdictConfig(rule=\"margin\")`, "
+              "today's rule before this change); mean ± std over 3 reference draws, the same draws for both rules. "
+              "\"best\" is the best balanced accuracy any single threshold reaches on the test scores: an upper bound "
+              "that looks at the test labels, never used by the model; gap = best − auto.\n\n"
+            + "\n".join(rows)
+            + f"\n\nMean gap over these rows: {gaps['tail']:.1f} (baseline {gaps['margin']:.1f}, ratio "
+              f"{gaps['margin'] / max(gaps['tail'], 1e-9):.2f}x); worst gap {worst['tail']:.1f} (baseline "
+              f"{worst['margin']:.1f}).\n\n"
+            + "\n".join(checks) + "\n")

@@ -14,8 +14,9 @@ import typer
 
 
 def eval_command(
-    data: Path = typer.Option(..., "--data", help="MVTec-layout folder: train/good, test/<type>, ground_truth/<type>",
-                              exists=True, file_okay=False, dir_okay=True),
+    data: list[Path] = typer.Option(..., "--data", help="MVTec-layout folder (train/good, test/<type>, "
+                                    "ground_truth/<type>), or a folder of them; repeat for several",
+                                    exists=True, file_okay=False, dir_okay=True),
     shots: str = typer.Option("1", "--shots", help="normal references per seed: 0 (needs a text tower), 1, 2, ... "
                                                    "or 'all' (unsupervised)"),
     seeds: int = typer.Option(1, "--seeds", min=1, help="repeat with this many reference draws; mean and std"),
@@ -28,24 +29,30 @@ def eval_command(
     as_json: bool = typer.Option(True, "--json/--no-json", help="one JSON object (default) or a short table"),
     runs: bool = typer.Option(False, "--runs/--no-runs", help="include the per-seed results"),
 ) -> None:
-    """Evaluate the anomaly model on an MVTec-layout folder (image/pixel AUROC, accuracy, location)."""
-    from inference.eval import evaluate, parse_shots
+    """Evaluate the anomaly model on MVTec-layout folders (AUROC, the automatic verdict's balanced accuracy,
+    recall and false alarms against the best any threshold reaches, location, confidence ECE)."""
+    from inference.eval import evaluate_many, parse_shots
 
     try:
         parse_shots(shots)
     except ValueError as exc:
         raise typer.BadParameter(f"--shots: {exc}") from exc
     try:
-        result = evaluate(data, shots=shots, seeds=seeds, encoder=encoder, image_size=size, device=device,
-                          batch_size=batch_size)
+        result = evaluate_many(data, shots=shots, seeds=seeds, encoder=encoder, image_size=size, device=device,
+                               batch_size=batch_size)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    each = list(result["categories"].values()) if "categories" in result else [result]
     if not runs:
-        result.pop("runs", None)
+        for one in each:
+            one.pop("runs", None)
     if as_json:
         typer.echo(json.dumps(result))
         return
-    for key in ("image_auroc", "pixel_auroc", "accuracy", "location_accuracy"):
-        typer.echo(f"{key:>18}  {result[key]:6.2f} ± {result[key + '_std']:.2f}")
-    typer.echo(f"{'n_test':>18}  {result['n_test']}   {result['images_per_second']} images/s")
+    for one in each:
+        typer.echo(one["data"])
+        for key in ("image_auroc", "pixel_auroc", "balanced_accuracy", "best_balanced_accuracy", "threshold_gap",
+                    "recall", "false_alarm_rate", "location_accuracy", "confidence_ece"):
+            typer.echo(f"{key:>24}  {one[key]:6.2f} ± {one[key + '_std']:.2f}")
+        typer.echo(f"{'n_test':>24}  {one['n_test']}   {one['images_per_second']} images/s")

@@ -24,6 +24,10 @@ from .model.api import InspectionModel, ModelConfig
 from .model.encoders import EncoderConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# reported per seed and as mean ± std; the verdict's figures are those of the automatic threshold, and
+# best_balanced_accuracy (any threshold, chosen on the test labels) is an upper bound for reference only
+METRICS = ("image_auroc", "pixel_auroc", "accuracy", "balanced_accuracy", "recall", "false_alarm_rate",
+           "best_balanced_accuracy", "threshold_gap", "location_accuracy", "confidence_ece")
 
 
 @dataclass
@@ -98,10 +102,7 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
     images = [read_image(t.path) for t in tests]
     masks = [read_mask(t, image.shape[:2]) for t, image in zip(tests, images, strict=True)]
     labels = np.array([t.defect_type != "good" for t in tests])
-    if model is None:
-        config = ModelConfig(encoder=EncoderConfig.parse(encoder, image_size=image_size), device=device,
-                             batch_size=batch_size)
-        model = InspectionModel(config)
+    model = model or build_model(encoder, image_size, device, batch_size)
     product = root.name
     runs = []
     scoring_seconds = 0.0
@@ -113,6 +114,8 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
         scored = model.score([(product, image) for image in images])
         scoring_seconds += time.perf_counter() - t0
         scores = np.array([s.verdict.score for s in scored])
+        decided = metrics.verdict_metrics(labels, [s.verdict.is_anomalous for s in scored])
+        best = metrics.best_balanced_accuracy(labels, scores)
         runs.append({
             "seed": seed,
             "references": [train[i].name for i in chosen] if k is not None else "all",
@@ -121,6 +124,9 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
             "image_auroc": metrics.image_auroc(labels, scores),
             "pixel_auroc": metrics.pixel_auroc(masks, [s.anomaly_map for s in scored]),
             "accuracy": metrics.accuracy(labels, [s.verdict.is_anomalous for s in scored]),
+            **decided,
+            "best_balanced_accuracy": best,
+            "threshold_gap": best - decided["balanced_accuracy"],
             "location_accuracy": metrics.location_accuracy(masks, [s.verdict.positions for s in scored]),
             "confidence_ece": metrics.expected_calibration_error(
                 labels, [calibration.probability(s) for s in scores]),
@@ -130,7 +136,7 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
     result: dict = {"data": str(root), "product": product, "shots": "all" if k is None else k,
                     "seeds": seeds, "encoder": encoder, "image_size": model.encoder.image_size,
                     "device": str(model.device)}
-    for name in ("image_auroc", "pixel_auroc", "accuracy", "location_accuracy", "confidence_ece"):
+    for name in METRICS:
         mean, std = metrics.mean_std([r[name] for r in runs])
         result[name], result[f"{name}_std"] = round(mean, 2), round(std, 2)
     types = sorted(runs[0]["per_defect_type"])
@@ -143,3 +149,43 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
     result["runs"] = [{key: (round(v, 4) if isinstance(v, float) else v) for key, v in r.items()}
                       for r in runs]
     return result
+
+
+def build_model(encoder: str = "efficientnet-lite0", image_size: int | None = None, device: str = "auto",
+                batch_size: int = 16) -> InspectionModel:
+    return InspectionModel(ModelConfig(encoder=EncoderConfig.parse(encoder, image_size=image_size), device=device,
+                                       batch_size=batch_size))
+
+
+def is_category(folder: Path) -> bool:
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def categories(folders: list[Path]) -> list[Path]:
+    """Each `--data` folder is a category (train/ and test/ inside) or a folder of categories."""
+    found = []
+    for folder in map(Path, folders):
+        if is_category(folder):
+            found.append(folder)
+            continue
+        inside = sorted(p for p in folder.iterdir() if p.is_dir() and is_category(p)) if folder.is_dir() else []
+        if not inside:
+            raise ValueError(f"{folder} is neither an MVTec-layout category (train/, test/) nor a folder of them")
+        found.extend(inside)
+    return found
+
+
+def evaluate_many(folders: list[Path], **kwargs) -> dict:
+    """One result per category (keyed by its path relative to the common parent) and the mean over them."""
+    roots = categories(folders)
+    if len(roots) == 1 and len(folders) == 1 and is_category(Path(folders[0])):
+        return evaluate(roots[0], **kwargs)
+    model = kwargs.pop("model", None) or build_model(kwargs.get("encoder", "efficientnet-lite0"),
+                                                     kwargs.get("image_size"), kwargs.get("device", "auto"),
+                                                     kwargs.get("batch_size", 16))
+    results = {f"{root.parent.name}/{root.name}": evaluate(root, model=model, **kwargs) for root in roots}
+    first = next(iter(results.values()))
+    mean = {name: round(float(np.mean([r[name] for r in results.values()])), 2) for name in METRICS}
+    return {"categories": results, "mean": mean, "n_categories": len(results), "shots": first["shots"],
+            "seeds": first["seeds"], "encoder": first["encoder"], "device": first["device"],
+            "seconds": round(sum(r["seconds"] for r in results.values()), 2)}

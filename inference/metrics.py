@@ -9,6 +9,10 @@ Example:
     100.0
     >>> location_hit(mask, ["top left", "center"])   # mask: (H, W) ground truth, nonzero = defect
     True
+    >>> verdict_metrics(np.array([0, 0, 1, 1]), np.array([False, True, True, True]))["balanced_accuracy"]
+    75.0
+    >>> best_balanced_accuracy(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.3, 0.9]))   # an upper bound
+    75.0
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from lineguard.events import POSITIONS
 
@@ -50,6 +54,28 @@ def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     """Share of correct anomalous/normal decisions, in percent."""
     labels = np.asarray(labels).astype(bool)
     return 100.0 * float((labels == np.asarray(predicted).astype(bool)).mean())
+
+
+def verdict_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """The automatic verdict against the labels (1 = defective), in percent: `recall` (defective parts
+    flagged), `false_alarm_rate` (good parts flagged) and `balanced_accuracy`, their mean of per-class
+    accuracies, which a test set's share of defects does not sway. NaN where a class is absent."""
+    labels = np.asarray(labels).astype(bool)
+    predicted = np.asarray(predicted).astype(bool)
+    recall = 100.0 * float(predicted[labels].mean()) if labels.any() else float("nan")
+    false_alarms = 100.0 * float(predicted[~labels].mean()) if (~labels).any() else float("nan")
+    return {"recall": recall, "false_alarm_rate": false_alarms,
+            "balanced_accuracy": (recall + 100.0 - false_alarms) / 2}
+
+
+def best_balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The best balanced accuracy any single threshold reaches on these scores, in percent: an upper bound
+    for reference (it looks at the test labels), never a rule the model may use. NaN with one class."""
+    labels = np.asarray(labels).astype(int)
+    if np.unique(labels).size < 2:
+        return float("nan")
+    false_positive, true_positive, _ = roc_curve(labels, np.asarray(scores, np.float64))
+    return 100.0 * float(((true_positive + 1.0 - false_positive) / 2).max())
 
 
 def largest_region_position(mask: np.ndarray) -> str | None:

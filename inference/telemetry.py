@@ -25,6 +25,8 @@ class WorkerMetrics:
                                       registry=self.registry)
         self.latency = Histogram("lineguard_latency_seconds", "Per-frame latency by stage", ["stage"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.frame_memory = Gauge("lineguard_frame_memory_bytes", "Memory reserved by the frames in flight "
+                                  "(LINEGUARD_WORKER_MEMORY_MB caps it)", registry=self.registry)
         self.consumer_lag = Gauge("lineguard_consumer_lag", "Frames on assigned partitions not yet committed",
                                   registry=self.registry)
 

@@ -4,8 +4,10 @@ The whole loop is in this file. Five stages run concurrently, joined by bounded 
 model never waits for I/O and a slow stage pushes back on the fetch:
 
     fetch    consumer.getmany() until --max-batch frames or --max-wait-ms   (event loop)
-    decode   FrameMeta + JPEG → image, bad frames → dead letters            (thread pool)
-    score    model.score(batch of mixed products)                           (model thread)
+    decode   FrameMeta + JPEG header → size policy → memory budget → image   (thread pool)
+             bad, oversize or mismatched frames → dead letters
+    score    model.score(batch of mixed products); a frame that makes it     (model thread)
+             raise is isolated by halving the batch and dead-lettered
     publish  Verdict + Heatmap → send, await acks                           (event loop + PNG thread)
     explain  flagged frames only: the answer (model.explain), then Verdict  (text thread)
 
@@ -13,6 +15,11 @@ Commit rule: an offset is committed only when the broker acknowledged the output
 heatmap, or the dead letter) of every frame before it in its partition (`OffsetTracker`).
 On a rebalance the revoked partitions are drained and committed before they are given up; on
 SIGTERM the worker stops fetching, finishes what it holds, commits and leaves the group.
+
+Memory: every frame reserves its cost (from the size in its JPEG header) in a `MemoryBudget` before it
+is decoded and gives it back once it is published or dead-lettered; a spent budget stops the decode
+stage, whose full queue stops the fetch. A model that fails on every frame, references included, stops
+the worker (`ModelBroken`) instead of dead-lettering the line; nothing past the failed frames is committed.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Protocol
 
-import cv2
 import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
+from inference import frames
+from inference.budget import MemoryBudget
 from inference.offsets import OffsetTracker
 from inference.outputs import heatmap_png, overlay_jpeg
 from inference.references import ReferenceStore
@@ -49,7 +57,7 @@ from lineguard.events import (
 )
 from lineguard.kafka import consumer_kwargs, make_consumer, make_producer, publish_dead_letter, start_client
 from lineguard.logging import get_logger
-from lineguard.settings import Settings
+from lineguard.settings import Settings, frame_cost_bytes
 from lineguard.topics import FRAMES, HEATMAPS, MODEL_UPDATES, VERDICTS
 
 log = get_logger(__name__)
@@ -57,6 +65,22 @@ log = get_logger(__name__)
 GROUP_ID = "lineguard-inference"
 JOIN_TIMEOUT_S = 60.0
 DEAD_LETTER_PAYLOAD_LIMIT = 256 * 1024
+MODEL_BROKEN_AFTER = 16   # frames in a row that made the model raise, with none scored between: the model is broken
+
+
+# What the worker holds besides its frames: the model (lite0 on a CPU: 0.55 GB resident with references),
+# torch, OpenCV and the Kafka client's fetch buffers. The README documents the sum below.
+WORKER_BASE_BYTES = 1024 * 2**20
+
+
+def documented_peak_bytes(settings: Settings) -> int:
+    """The peak resident memory of a worker with the default model, whatever its input: the base plus
+    LINEGUARD_WORKER_MEMORY_MB (2 GiB with the defaults)."""
+    return WORKER_BASE_BYTES + settings.worker_memory_mb * 2**20
+
+
+class ModelBroken(RuntimeError):
+    """The model raises on every frame, a reference image included: stop rather than dead-letter the line."""
 
 
 # --- what the worker needs from the model ---------------------------------------------------------
@@ -98,6 +122,8 @@ class Item:
     frame: FrameInput | None = None
     scored: Scored | None = None
     latency: dict[str, float] = field(default_factory=dict)
+    size: tuple[int, int] = (0, 0)         # (width, height) from the JPEG header
+    reserved: int = 0                      # bytes of the worker's memory budget this frame holds
 
     @property
     def tp(self) -> TopicPartition:
@@ -131,6 +157,10 @@ class InferenceWorker:
         self.metrics = metrics or WorkerMetrics()
         self.references = ReferenceStore(settings.state_dir)
         self.tracker = OffsetTracker()
+        self.budget = MemoryBudget(settings.worker_memory_mb * 2**20)
+        self._canaries: dict[str, np.ndarray] = {}   # product → a reference image: is the model itself broken?
+        self._failures_in_a_row = 0
+        self.failure: BaseException | None = None    # why the worker stopped on its own
         self.decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
         device = getattr(getattr(model, "device", None), "type", "cpu")
         self.model_threads = max(1, self.config.model_threads)
@@ -154,6 +184,7 @@ class InferenceWorker:
             images = self.references.load(product)
             if images:
                 self.model.set_references(product, images)
+                self._canaries[product] = images[0]
                 loaded.append(product)
         log.info("references_loaded", products=loaded)
         return loaded
@@ -195,8 +226,10 @@ class InferenceWorker:
         self._ready = True
         log.info("worker_started", group=self.config.group_id, max_batch=self.config.max_batch,
                  max_wait_ms=self.config.max_wait_ms, model_version=self.model.version)
+        for task in stages:
+            task.add_done_callback(self._stage_ended)
         try:
-            await self._fetch_stage(decode_q, stages)
+            await self._fetch_stage(decode_q)
         finally:
             self._ready = False
             await self._drain(stages)
@@ -206,16 +239,22 @@ class InferenceWorker:
                 server.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await server
-            log.info("worker_stopped")
+            log.info("worker_stopped", error=str(self.failure) if self.failure else None)
+        if self.failure is not None:
+            raise self.failure
+
+    def _stage_ended(self, task: asyncio.Task) -> None:
+        """A stage that raised stops the worker: nothing it held is committed, and run() re-raises."""
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+            log.error("worker_failed", stage=task.get_name(), error=str(self.failure))
+            self._stopping.set()
 
     # -- stages ---------------------------------------------------------------------------------
-    async def _fetch_stage(self, decode_q: asyncio.Queue, stages: list[asyncio.Task]) -> None:
+    async def _fetch_stage(self, decode_q: asyncio.Queue) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                for task in stages:
-                    if task.done() and task.exception():
-                        raise task.exception()
                 batch = await self._collect_batch(stop)
                 if not batch:
                     continue
@@ -223,10 +262,17 @@ class InferenceWorker:
                     self.tracker.add(TopicPartition(record.topic, record.partition), [record.offset])
                 items = [Item(record, arrived) for record, arrived in batch]
                 self.metrics.batch_size.observe(len(items))
-                await decode_q.put(items)
+                # back-pressure: a full queue (the memory budget is spent, or the model is behind) stops the
+                # fetch here; a stop while waiting leaves the batch uncommitted, to be fetched again
+                put = asyncio.ensure_future(decode_q.put(items))
+                await asyncio.wait([put, stop], return_when=asyncio.FIRST_COMPLETED)
+                if not put.done():
+                    put.cancel()
+                    break
         finally:
             stop.cancel()
-            await decode_q.put(None)
+            if self.failure is None:
+                await decode_q.put(None)
 
     async def _collect_batch(self, stop: asyncio.Future) -> list[tuple[object, float]]:
         """Up to max_batch (record, arrival time) pairs, waiting at most max_wait_ms after the first one
@@ -249,36 +295,62 @@ class InferenceWorker:
         return batch
 
     async def _decode_stage(self, decode_q: asyncio.Queue, score_q: asyncio.Queue) -> None:
+        """Check each frame's header, reserve its memory, decode it in the pool. A frame that does not fit
+        the budget first sends on what its batch has decoded, since that is what frees the budget."""
         loop = asyncio.get_running_loop()
         while (items := await decode_q.get()) is not None:
             started = time.monotonic()
-            decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode, item)
-                                             for item in items))
-            good = []
-            for item, error in zip(items, decoded, strict=True):
-                if error is None:
-                    item.latency["decode_ms"] = (time.monotonic() - started) * 1000
-                    good.append(item)
-                else:
-                    await self._dead_letter(item, *error)
-            if good:
-                await score_q.put(good)
+            decoding: list[tuple[Item, asyncio.Future]] = []
+            for item in items:
+                try:
+                    cost = self._admit(item)
+                except frames.FrameRejected as exc:
+                    await self._dead_letter(item, exc.error_type, str(exc))
+                    continue
+                if decoding and not self.budget.fits(cost):
+                    await self._hand_on(decoding, started, score_q)
+                    decoding = []
+                await self.budget.acquire(cost)
+                item.reserved = cost
+                self.metrics.frame_memory.set(self.budget.in_use)
+                decoding.append((item, loop.run_in_executor(self.decode_pool, self._decode, item)))
+            if decoding:
+                await self._hand_on(decoding, started, score_q)
         await score_q.put(None)
 
-    def _decode(self, item: Item) -> tuple[str, str] | None:
-        """Fill item.meta and item.frame; on failure return (error_type, reason)."""
+    async def _hand_on(self, decoding: list[tuple[Item, asyncio.Future]], started: float,
+                       score_q: asyncio.Queue) -> None:
+        good = []
+        for item, future in decoding:
+            try:
+                await future
+            except frames.FrameRejected as exc:
+                await self._dead_letter(item, exc.error_type, str(exc))
+                continue
+            item.latency["decode_ms"] = (time.monotonic() - started) * 1000
+            good.append(item)
+        if good:
+            await score_q.put(good)
+
+    def _admit(self, item: Item) -> int:
+        """Read the FrameMeta and the JPEG header, apply the size policy; the frame's memory cost in bytes.
+        Cheap (no pixel is decoded), so it runs on the event loop."""
         try:
             meta, jpeg = decode_frame(item.record.value, item.record.headers)
         except BadFrame as exc:
-            return "BadFrame", str(exc)
+            raise frames.FrameRejected("BadFrame", str(exc)) from None
         item.meta = meta
-        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            return "UndecodableImage", f"cannot decode {meta.encoding} image of frame {meta.frame_id}"
         if meta.product not in self.model.products():
-            return "UnknownProduct", f"product {meta.product!r} has no references (lineguard refs add)"
-        item.frame = FrameInput(image, meta.product, meta.mm_per_px)
-        return None
+            raise frames.FrameRejected("UnknownProduct",
+                                       f"product {meta.product!r} has no references (lineguard refs add)")
+        item.size = frames.frame_size(jpeg)
+        frames.check_size(meta, item.size, self.settings.max_frame_pixels)
+        return frame_cost_bytes(item.size[0] * item.size[1])
+
+    def _decode(self, item: Item) -> None:
+        """In the decode pool: fill item.frame; raises FrameRejected."""
+        image = frames.decode(item.record.value, item.meta, item.size)
+        item.frame = FrameInput(image, item.meta.product, item.meta.mm_per_px)
 
     async def _score_stage(self, score_q: asyncio.Queue, publish_q: asyncio.Queue) -> None:
         """Score decoded frames, `model_threads` batches in flight, and pass them on in fetch order.
@@ -324,23 +396,75 @@ class InferenceWorker:
         finally:
             getter.cancel()
 
-    def _timed_score(self, frames: list) -> tuple[list, float, float]:
+    def _timed_score(self, batch: list[FrameInput]) -> tuple[list, float, float]:
         """In the model thread: (results, start, end) on the monotonic clock, so a batch that waited for
-        a free model thread is not charged for the wait."""
+        a free model thread is not charged for the wait. A result is a Scored or the exception its frame
+        raised."""
         started = time.monotonic()
-        results = self.model.score(frames)
+        results = self._score_isolating(batch)
         return results, started, time.monotonic()
+
+    def _score_isolating(self, batch: list[FrameInput]) -> list:
+        """Score the batch; if it raises, score each half, down to the frame that raises: one poison frame
+        costs log2(batch) extra calls and never its neighbours' verdicts."""
+        try:
+            results = list(self.model.score(batch))
+            if len(results) != len(batch):
+                raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} frames")
+            return results
+        except Exception as exc:  # noqa: BLE001 - any model error is isolated, then judged in _scored
+            if len(batch) == 1:
+                return [exc]
+            half = len(batch) // 2
+            return self._score_isolating(batch[:half]) + self._score_isolating(batch[half:])
+
+    def _canary(self, product: str) -> BaseException | None:
+        """In the model thread: does the model still score one of the product's own references?"""
+        try:
+            self.model.score([FrameInput(self._canaries[product], product)])
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        return None
 
     async def _scored(self, items: list[Item], future: asyncio.Future, publish_q: asyncio.Queue) -> None:
         results, started, ended = await future
         model_ms = (ended - started) * 1000
-        for item, scored in zip(items, results, strict=True):
-            item.scored = scored
+        failed = [(item, result) for item, result in zip(items, results, strict=True)
+                  if isinstance(result, BaseException)]
+        if failed:
+            await self._judge_failures(items, failed)
+        else:
+            self._failures_in_a_row = 0
+        scored = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, BaseException):
+                await self._dead_letter(item, "ModelError", _first_line(result))
+                continue
+            item.scored = result
             item.latency["model_ms"] = model_ms
             item.latency["queue_ms"] = max(0.0, (started - item.fetched_at) * 1000 - item.latency["decode_ms"])
+            scored.append(item)
         self.metrics.model_seconds.observe(model_ms / 1000)
         self.metrics.model_batch_size.observe(len(items))
-        await publish_q.put(items)
+        if scored:
+            await publish_q.put(scored)
+
+    async def _judge_failures(self, items: list[Item], failed: list[tuple[Item, BaseException]]) -> None:
+        """Poison frames, or a broken model? Raises ModelBroken when the model also fails on a reference
+        image, or when MODEL_BROKEN_AFTER frames in a row failed."""
+        self._failures_in_a_row = 0 if len(failed) < len(items) else self._failures_in_a_row + len(failed)
+        item, error = failed[0]
+        reason = None
+        if len(failed) == len(items) and item.meta.product in self._canaries:
+            canary = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._canary,
+                                                                      item.meta.product)
+            if canary is not None:
+                reason = f"it fails on a reference image of {item.meta.product!r} too: {_first_line(canary)}"
+        if reason is None and self._failures_in_a_row >= MODEL_BROKEN_AFTER:
+            reason = f"{self._failures_in_a_row} frames in a row made it raise, the last: {_first_line(error)}"
+        if reason is not None:
+            raise ModelBroken(f"the model is broken, stopping instead of dead-lettering the line: {reason}")
+        log.warning("model_error", frames=len(failed), batch=len(items), error=_first_line(error))
 
     async def _publish_stage(self, publish_q: asyncio.Queue, text_q: asyncio.Queue) -> None:
         """Up to queue_batches + 1 batches encode their heatmaps and wait for acks at once; each hands its
@@ -366,27 +490,44 @@ class InferenceWorker:
         started = time.monotonic()
         sends = []
         flagged = []
+        broken: list[tuple[Item, BaseException]] = []
         try:
-            heatmaps = await asyncio.to_thread(lambda: [self._heatmap(item) for item in items])
+            outputs = await asyncio.to_thread(lambda: [self._outputs(item, started) for item in items])
             if turn is not None:
                 await turn.wait()   # the batch before this one has handed its records to the producer
-            for item, heatmap in zip(items, heatmaps, strict=True):
+            for item, output in zip(items, outputs, strict=True):
+                if isinstance(output, BaseException):
+                    broken.append((item, output))
+                    continue
+                heatmap, verdict = output
                 key = item.meta.camera_id.encode()
-                sends.append(await self.producer.send(self.settings.topic(HEATMAPS), heatmap.to_bytes(), key=key))
-                if item.scored.is_anomalous and self.config.explain:
+                sends.append(await self.producer.send(self.settings.topic(HEATMAPS), heatmap, key=key))
+                if verdict is None:
                     flagged.append(item)
                 else:
-                    sends.append(await self.producer.send(self.settings.topic(VERDICTS),
-                                                          self._verdict(item, started).to_bytes(), key=key))
+                    sends.append(await self.producer.send(self.settings.topic(VERDICTS), verdict, key=key))
         finally:
             sent.set()
         await asyncio.gather(*sends)
-        flagged_ids = {id(item) for item in flagged}
+        for item, error in broken:
+            await self._dead_letter(item, "ModelError", _first_line(error))
+        done = {id(item) for item in flagged} | {id(item) for item, _ in broken}
         for item in items:
-            if id(item) not in flagged_ids:
+            if id(item) not in done:
                 self._finish(item, started)
         if flagged:
             await text_q.put(flagged)
+
+    def _outputs(self, item: Item, started: float) -> tuple[bytes, bytes | None] | BaseException:
+        """In a thread: the Heatmap and (unless an answer is to come) the Verdict, serialised; or the exception
+        that post-processing raised, so one frame's bad map cannot take its batch down."""
+        try:
+            verdict = None
+            if not (item.scored.is_anomalous and self.config.explain):
+                verdict = self._verdict(item, started).to_bytes()
+            return self._heatmap(item).to_bytes(), verdict
+        except Exception as exc:  # noqa: BLE001 - dead-lettered as ModelError by the caller
+            return exc
 
     async def _explain_stage(self, text_q: asyncio.Queue) -> None:
         """Batch flagged frames across publish batches and attach the LVLM's answer to their verdicts."""
@@ -405,8 +546,7 @@ class InferenceWorker:
             for start in range(0, len(waiting), self.config.text_batch):
                 batch = waiting[start:start + self.config.text_batch]
                 started = time.monotonic()
-                answers = await loop.run_in_executor(self.text_pool, self.model.explain,
-                                                     [(item.frame, item.scored) for item in batch])
+                answers = await loop.run_in_executor(self.text_pool, self._explain, batch)
                 self.metrics.text_seconds.observe(time.monotonic() - started)
                 publish_started = time.monotonic()
                 sends = [await self.producer.send(self.settings.topic(VERDICTS),
@@ -416,6 +556,17 @@ class InferenceWorker:
                 await asyncio.gather(*sends)
                 for item in batch:
                     self._finish(item, publish_started)
+
+    def _explain(self, batch: list[Item]) -> list[str | None]:
+        """In the text thread: the answers; a batch that raises is answered frame by frame, and a frame that
+        still raises gets no answer (its verdict stands without one)."""
+        try:
+            return list(self.model.explain([(item.frame, item.scored) for item in batch]))
+        except Exception as exc:  # noqa: BLE001
+            if len(batch) == 1:
+                log.warning("explain_failed", frame_id=batch[0].meta.frame_id, error=_first_line(exc))
+                return [None]
+            return [answer for item in batch for answer in self._explain([item])]
 
     async def _commit_loop(self) -> None:
         while True:
@@ -483,10 +634,12 @@ class InferenceWorker:
                        captured_at=meta.captured_at, score=scored.score, threshold=scored.threshold,
                        is_anomalous=scored.is_anomalous, confidence=scored.confidence, regions=scored.regions,
                        positions=scored.positions, answer=answer, model_version=self.model.version,
-                       latency=latency, ground_truth_defect=truth, produced_at=datetime.now(UTC))
+                       latency=latency, ground_truth_defect=truth, produced_at=datetime.now(UTC),
+                       descriptor=_descriptor_bytes(scored))
 
     def _finish(self, item: Item, publish_started: float) -> None:
         self.tracker.done(item.tp, item.record.offset)
+        self._release(item)
         self.metrics.frames.labels(verdict="anomalous" if item.scored.is_anomalous else "normal").inc()
         self.metrics.latency.labels(stage="publish").observe(time.monotonic() - publish_started)
         self.metrics.latency.labels(stage="end_to_end").observe(time.monotonic() - item.fetched_at)
@@ -504,12 +657,22 @@ class InferenceWorker:
         await publish_dead_letter(self.producer, self.settings, letter)
         self.metrics.dead_letters.labels(reason=error_type).inc()
         self.tracker.done(item.tp, record.offset)
+        self._release(item)
+
+    def _release(self, item: Item) -> None:
+        """Give the frame's memory back (its image and maps go with the item)."""
+        if item.reserved:
+            self.budget.release(item.reserved)
+            item.reserved = 0
+            self.metrics.frame_memory.set(self.budget.in_use)
 
     async def _drain(self, stages: list[asyncio.Task]) -> None:
         """Let the stages finish what they hold, commit, leave the group."""
         pipeline, background = stages[:4], stages[4:]
         try:
-            await asyncio.wait_for(asyncio.gather(*pipeline, return_exceptions=True), self.config.drain_timeout_s)
+            # a failed worker does not wait: its stages are stuck behind the one that raised
+            timeout = 0 if self.failure is not None else self.config.drain_timeout_s
+            await asyncio.wait_for(asyncio.gather(*pipeline, return_exceptions=True), timeout)
         except TimeoutError:
             log.warning("drain_timeout", in_flight=self.tracker.in_flight())
         for task in pipeline:
@@ -547,6 +710,18 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+def _descriptor_bytes(scored) -> bytes | None:
+    """The flagged frame's defect descriptor as Verdict bytes; None for scorers that have none."""
+    vector = getattr(scored, "descriptor", None)
+    return None if vector is None else np.asarray(vector, dtype="<f2").tobytes()
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, at most 500 characters: what a dead letter's reason carries."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def _set_torch_threads(n: int) -> None:

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
+from ingest.sources import SourceError
 from lineguard.events import FrameMeta, encode_frame
 from lineguard.kafka import client_kwargs, make_producer, start_client
 from lineguard.logging import get_logger
@@ -164,12 +166,18 @@ async def publish(
             seq = seq_by_camera[camera]
             seq_by_camera[camera] += 1
             jpeg, width, height = await asyncio.to_thread(encode_jpeg, frame.image, settings.jpeg_quality, max_side)
-            meta = FrameMeta(
-                frame_id=f"{settings.line_id}.{camera_id}.{run_id}.{seq:07d}",
-                line_id=settings.line_id, camera_id=camera_id, product=frame.product, seq=seq,
-                width=width, height=height, source=frame.source, mm_per_px=frame.mm_per_px,
-                ground_truth=frame.ground_truth,
-            )
+            try:
+                meta = FrameMeta(
+                    frame_id=f"{settings.line_id}.{camera_id}.{run_id}.{seq:07d}",
+                    line_id=settings.line_id, camera_id=camera_id, product=frame.product, seq=seq,
+                    width=width, height=height, source=frame.source, mm_per_px=frame.mm_per_px,
+                    ground_truth=frame.ground_truth,
+                )
+            except ValidationError as exc:   # e.g. a product named after a folder with spaces in its name
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))} {e['input']!r:.60}: {e['msg']}"
+                                     for e in exc.errors()[:2])
+                raise SourceError(f"cannot describe the frames of {frame.source}: {problems} "
+                                  "(name the product with --product)") from None
             value, headers = encode_frame(meta, jpeg)
             size = len(value) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD_BYTES
             if size > settings.kafka_max_message_bytes:

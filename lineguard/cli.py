@@ -34,11 +34,14 @@ EXIT_CONFIG = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deploy.stack import StackError
     from inference.references import ReferenceError
+    from inference.worker import ModelBroken
     from ingest.publisher import DeliveryFailed, FrameTooLarge
     from ingest.sources import SourceError
     from lineguard.kafka import KafkaUnavailable
+    from storage.artifacts import StorageError
 
-    return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable, ReferenceError)
+    return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable, ReferenceError, ModelBroken,
+            StorageError)
 
 
 def cli_command(func):
@@ -72,18 +75,25 @@ def _settings(**overrides):
     return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM stops a long-running command the same clean way Ctrl-C does."""
+    """SIGTERM and SIGHUP (a closed terminal) stop a long-running command the same clean way Ctrl-C does.
+    A second one while it cleans up is ignored, so the clean-up finishes."""
 
     def handler(signum, frame):
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {stop_signal: signal.signal(stop_signal, handler) for stop_signal in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop_signal, action in previous.items():
+            signal.signal(stop_signal, action)
 
 
 @app.command()
@@ -112,6 +122,16 @@ def up(
             pass
         finally:
             stack.stop()
+
+
+@app.command()
+@cli_command
+def down(timeout: float = typer.Option(20.0, min=1.0, help="Seconds to wait for the stack's owner to stop.")) -> None:
+    """Stop the embedded stack recorded in <state_dir>/stack.json (`up` or `demo`, started in any shell)."""
+    from deploy.stack import stop_recorded_stack
+
+    for line in stop_recorded_stack(_settings(), timeout_s=timeout):
+        typer.echo(line, err=True)
 
 
 @app.command()
@@ -208,7 +228,7 @@ def infer(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, worker.stop)
         await worker.run()
 
@@ -283,6 +303,41 @@ def bench_stream(
     else:
         for key, value in result.items():
             typer.echo(f"{key}: {value}")
+
+
+@bench_app.command("memory")
+@cli_command
+def bench_memory(
+    normal_frames: int = typer.Option(200, min=10, help="Frames of the normal stream."),
+    bombs: int = typer.Option(20, min=1, help="Decompression bombs in the hostile stream."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Peak resident memory of a `lineguard infer` process under a normal and a hostile stream."""
+    from deploy.memory_bench import markdown_section, memory_benchmark
+
+    _settings()
+    result = memory_benchmark(normal_frames=normal_frames, bombs=bombs)
+    typer.echo(json.dumps(result) if as_json else markdown_section(result))
+
+
+@bench_app.command("dialogue")
+@cli_command
+def bench_dialogue(
+    frames: int = typer.Option(48, min=16, help="Simulated frames through the worker and recorder."),
+    fact_questions: int = typer.Option(280, min=7, help="Fact questions per phase (1 and 8 operators)."),
+    llm_questions: int = typer.Option(8, min=1, help="Free-form (LLM) questions with 1 operator (8 ops: ≥ 16)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    output: Path = typer.Option(None, help="Also put the markdown section into this file (BENCHMARKS.md)."),
+) -> None:
+    """Answers/s and p50/p99 latency of the dialogue service, fact vs LLM answers, 1 vs 8 operators."""
+    from dialogue.bench import dialogue_benchmark, markdown_section, write_section
+
+    _settings()
+    result = dialogue_benchmark(frames=frames, fact_questions=fact_questions, llm_questions=llm_questions)
+    typer.echo(json.dumps(result) if as_json else markdown_section(result))
+    if output is not None:
+        write_section(output, result)
+        typer.echo(f"wrote the dialogue section of {output}", err=True)
 
 
 @bench_app.command("gpu")
@@ -382,6 +437,22 @@ bench_app.command("store")(cli_command(bench_store_command))
 from inference.cli import eval_command  # noqa: E402
 
 app.command("eval")(cli_command(eval_command))
+
+# -- learning from labels (training/cli.py imports torch only when it runs) -------------------------
+from training.cli import bench_train_command  # noqa: E402
+
+bench_app.command("train")(cli_command(bench_train_command))
+
+
+# -- the dialogue service (dialogue/cli.py imports FastAPI and the models only when it runs) ---------
+from dialogue.cli import serve_command, token_command  # noqa: E402
+
+dialogue_app = typer.Typer(help="The operator dialogue service: API + console (FastAPI, uvicorn).",
+                           invoke_without_command=True)
+dialogue_app.callback()(cli_command(serve_command))
+dialogue_app.command("token")(cli_command(token_command))
+
+app.add_typer(dialogue_app, name="dialogue")
 
 
 def main() -> None:  # pragma: no cover - console entry point

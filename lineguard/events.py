@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 SCHEMA_VERSION = 1
 META_HEADER = "lineguard-meta"
@@ -34,6 +34,16 @@ POSITIONS: tuple[str, ...] = (
 Position = Literal[
     "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"
 ]
+
+# Ids and names travel in Kafka keys, SQL rows, artifact paths, InfluxDB tags and log lines: a camera
+# gateway that sends a 20,000-character or multi-line id must fail validation (→ dead letter), not
+# reach them. Letters, digits and . _ : @ + - only (no spaces, slashes or control characters).
+ID_MAX_LENGTH = 128
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$"
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
+DefectType = Annotated[str, StringConstraints(min_length=1, max_length=64,
+                                              pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:+\-]*$")]  # "hairline crack"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -62,17 +72,17 @@ class GroundTruth(Event):
     """What a simulator or a labelled dataset knows about a frame."""
 
     is_defect: bool
-    defect_type: str | None = None  # "scratch", "broken_large", ... None when good
+    defect_type: DefectType | None = None  # "scratch", "broken_large", ... None when good
     mask_png: bytes | None = None     # single-channel PNG, 255 = defect, at frame resolution
 
 
 class FrameMeta(Event):
     """Metadata of one camera frame; the JPEG itself is the Kafka value."""
 
-    frame_id: str
-    line_id: str
-    camera_id: str
-    product: str
+    frame_id: Id
+    line_id: Id
+    camera_id: Id
+    product: Id
     captured_at: datetime = Field(default_factory=utcnow)
     seq: int = 0
     width: int = Field(gt=0)
@@ -106,10 +116,10 @@ class Latency(Event):
 class Verdict(Event):
     """The inspection result for one frame. Idempotent by frame_id."""
 
-    frame_id: str
-    line_id: str
-    camera_id: str
-    product: str
+    frame_id: Id
+    line_id: Id
+    camera_id: Id
+    product: Id
     captured_at: datetime
     score: float
     threshold: float
@@ -122,12 +132,15 @@ class Verdict(Event):
     latency: Latency = Field(default_factory=Latency)
     ground_truth_defect: bool | None = None
     produced_at: datetime = Field(default_factory=utcnow)
+    # flagged frames: float16 little-endian vector (≤256 values) of the main defect, for the similar-parts
+    # search (inference/model/descriptor.py); optional, so verdicts without it stay readable
+    descriptor: bytes | None = Field(default=None, max_length=2 * 256)
 
 
 class Heatmap(Event):
-    frame_id: str
-    camera_id: str
-    product: str
+    frame_id: Id
+    camera_id: Id
+    product: Id
     width: int
     height: int
     map_png: bytes                      # 8-bit anomaly map, 0..255 = 0..2x threshold
@@ -137,12 +150,12 @@ class Heatmap(Event):
 class Label(Event):
     """An operator's judgement of a frame."""
 
-    frame_id: str
-    operator: str
+    frame_id: Id
+    operator: Id
     is_defect: bool
-    defect_type: str | None = None
+    defect_type: DefectType | None = None
     mask_png: bytes | None = None
-    note: str = ""
+    note: str = Field(default="", max_length=2000)
     labeled_at: datetime = Field(default_factory=utcnow)
 
 
@@ -165,7 +178,7 @@ class ModelUpdate(Event):
     """Workers reload references or weights when they see one of these."""
 
     kind: Literal["references_changed", "model_released"]
-    product: str | None = None
+    product: Id | None = None
     model_version: str | None = None
     detail: dict[str, str] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)

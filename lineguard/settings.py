@@ -20,7 +20,20 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lineguard.events import ID_MAX_LENGTH, ID_PATTERN
+
 ENV_PREFIX = "LINEGUARD_"
+
+
+# What one frame in flight costs the worker, per frame pixel: the decoded BGR image (3 bytes) plus the
+# anomaly map, its smoothing and its regions at frame resolution and the outputs (measured: 16.5 bytes
+# beyond the image for 5-36 MP frames), with headroom for the decoder's own buffers.
+FRAME_BYTES_PER_PIXEL = 24
+
+
+def frame_cost_bytes(pixels: int) -> int:
+    """Bytes of worker memory that a frame of `pixels` holds while it is in flight."""
+    return pixels * FRAME_BYTES_PER_PIXEL
 
 
 class ConfigError(Exception):
@@ -56,8 +69,12 @@ class Settings(BaseSettings):
     embedded_kafka_port: int = Field(default=19092, ge=0, le=65535)
     embedded_influx_port: int = Field(default=18086, ge=0, le=65535)
 
+    # Inference worker: hostile frames cannot make it grow (see inference/frames.py)
+    max_frame_pixels: int = Field(default=36_000_000, ge=64 * 64)  # width x height read from the JPEG header
+    worker_memory_mb: int = Field(default=1024, ge=64)              # decoded frames in flight, all stages
+
     # Ingest
-    line_id: str = "line-1"
+    line_id: str = Field(default="line-1", min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
 
     @field_validator("kafka_bootstrap")
@@ -77,6 +94,15 @@ class Settings(BaseSettings):
             raise ValueError("the production profile needs LINEGUARD_KAFKA_BOOTSTRAP")
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
             raise ValueError("LINEGUARD_KAFKA_SASL_MECHANISM is required with SASL security protocols")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_holds_the_largest_frame(self) -> Settings:
+        needed = frame_cost_bytes(self.max_frame_pixels)
+        if needed > self.worker_memory_mb * 2**20:
+            raise ValueError(f"LINEGUARD_WORKER_MEMORY_MB={self.worker_memory_mb} cannot hold one frame of "
+                             f"LINEGUARD_MAX_FRAME_PIXELS={self.max_frame_pixels} (needs {needed / 2**20:.0f} MB); "
+                             "raise the first or lower the second")
         return self
 
     @property

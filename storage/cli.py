@@ -45,12 +45,12 @@ def _settings():
 
 
 def _run_until_signal(service) -> None:
-    """Run `service(stop)` in a fresh loop; Ctrl-C and SIGTERM set `stop`, so it shuts down in order."""
+    """Run `service(stop)` in a fresh loop; Ctrl-C, SIGTERM and SIGHUP set `stop`, so it shuts down in order."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         await service(stop)
 

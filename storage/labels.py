@@ -69,6 +69,17 @@ def latest_status(conn: Connection, frame_ids: Iterable[str]) -> dict[str, str]:
     return {row.frame_id: ("defect" if row.is_defect else "good") for row in rows}
 
 
+def latest_defect_types(conn: Connection, frame_ids: Iterable[str]) -> dict[str, str | None]:
+    """{frame_id: defect_type of its latest label} for labelled frames (None when that label said good)."""
+    ids = list(set(frame_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(select(labels.c.frame_id, labels.c.is_defect, labels.c.defect_type)
+                        .where(labels.c.frame_id.in_(ids))
+                        .order_by(labels.c.labeled_at, labels.c.id)).all()
+    return {row.frame_id: (row.defect_type if row.is_defect else None) for row in rows}
+
+
 class TrainingExample(BaseModel):
     """One labelled frame for training: the latest label of a stored record, with its artifacts."""
 

@@ -37,6 +37,9 @@ Query API (the dialogue service uses it):
     ...             label_status="unlabeled", limit=50)
     [InspectionRecord(frame_id=..., image_uri=..., answer=..., label_status="unlabeled"), ...]
     >>> store.artifacts.get(record.image_uri)   # the JPEG bytes
+    >>> store.count(line_id="line-2", since=midnight, verdict="anomalous")   # the same filters, no limit
+    >>> store.similar(record.frame_id, k=5)     # nearest defect descriptors (cosine), with the look-alikes' labels
+    [SimilarRecord(record=InspectionRecord(...), similarity=0.97, defect_type="scratch"), ...]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -61,8 +65,8 @@ from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
 from storage.artifacts import ArtifactStore, StorageError, open_artifact_store, safe_name
-from storage.labels import latest_status, save_labels, store_masks
-from storage.schema import as_utc, count_progress, counted_frames, frame_counts, metadata, naive_utc, records
+from storage.labels import latest_defect_types, latest_status, save_labels, store_masks
+from storage.schema import as_utc, count_progress, counted_frames, frame_counts, naive_utc, records, upgrade
 from storage.settings import StorageSettings, sqlite_path
 
 log = get_logger(__name__)
@@ -174,9 +178,11 @@ class RecordStore:
                             "(psycopg) and use a postgresql+psycopg:// URL") from None
             self.engine = create_engine(url, pool_pre_ping=True)
         try:
-            metadata.create_all(self.engine)
+            added = upgrade(self.engine)
         except SQLAlchemyError as exc:
             raise RecordStoreError(f"cannot open the records database {_redact(url)}: {_first_line(exc)}") from exc
+        if added:
+            log.info("records_schema_upgraded", added=added)
 
     @classmethod
     def from_settings(cls, settings: Settings, storage_settings: StorageSettings) -> RecordStore:
@@ -288,11 +294,13 @@ class RecordStore:
                 "is_anomalous": verdict.is_anomalous, "score": verdict.score, "threshold": verdict.threshold,
                 "confidence": verdict.confidence, "model_version": verdict.model_version, "answer": verdict.answer,
                 "positions": json.dumps(list(verdict.positions)), "verdict_json": verdict.model_dump_json(),
-                "missing": ",".join(missing), "stored_at": naive_utc(now), **artifact_uris,
+                "missing": ",".join(missing), "stored_at": naive_utc(now), "descriptor": verdict.descriptor,
+                **artifact_uris,
             }
             if verdict.frame_id in existing:
                 # a replay: keep artifacts already stored when this delivery lacks them
-                values = {k: v for k, v in values.items() if v is not None or not k.endswith("_uri")}
+                values = {k: v for k, v in values.items()
+                          if v is not None or not (k.endswith("_uri") or k == "descriptor")}
                 conn.execute(update(records).where(records.c.frame_id == verdict.frame_id).values(**values))
             else:
                 conn.execute(records.insert().values(frame_id=verdict.frame_id,
@@ -333,35 +341,83 @@ class RecordStore:
               product: str | None = None, camera_id: str | None = None,
               verdict: Literal["anomalous", "normal"] | None = None,
               label_status: Literal["unlabeled", "defect", "good"] | None = None,
-              limit: int = 100, newest_first: bool = True) -> list[InspectionRecord]:
-        """Records by capture time range [since, until), line, product, camera, verdict and label status."""
-        query = select(records)
-        if since is not None:
-            query = query.where(records.c.captured_at >= naive_utc(since))
-        if until is not None:
-            query = query.where(records.c.captured_at < naive_utc(until))
-        for column, value in ((records.c.line_id, line_id), (records.c.product, product),
-                              (records.c.camera_id, camera_id), (records.c.label_status, label_status)):
-            if value is not None:
-                query = query.where(column == value)
-        if verdict is not None:
-            query = query.where(records.c.is_anomalous == (verdict == "anomalous"))
+              limit: int = 100, offset: int = 0, newest_first: bool = True) -> list[InspectionRecord]:
+        """Records by capture time range [since, until), line, product, camera, verdict and label status;
+        `offset` skips that many (pages)."""
+        query = _filtered(select(records), since=since, until=until, line_id=line_id, product=product,
+                          camera_id=camera_id, verdict=verdict, label_status=label_status)
         order = records.c.captured_at.desc() if newest_first else records.c.captured_at
-        query = query.order_by(order, records.c.frame_id).limit(limit)
+        query = query.order_by(order, records.c.frame_id).limit(limit).offset(offset)
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
+
+    def count(self, *, since: datetime | None = None, until: datetime | None = None, line_id: str | None = None,
+              product: str | None = None, camera_id: str | None = None,
+              verdict: Literal["anomalous", "normal"] | None = None,
+              label_status: Literal["unlabeled", "defect", "good"] | None = None) -> int:
+        """How many records `query` would return with these filters and no limit."""
+        query = _filtered(select(func.count()).select_from(records), since=since, until=until, line_id=line_id,
+                          product=product, camera_id=camera_id, verdict=verdict, label_status=label_status)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def lines(self) -> list[str]:
+        """Every line id seen in the counts or the records."""
+        with self.engine.connect() as conn:
+            found = set(conn.execute(select(frame_counts.c.line_id).distinct()).scalars())
+            found |= set(conn.execute(select(records.c.line_id).distinct()).scalars())
+        return sorted(found)
 
     def get(self, frame_id: str) -> InspectionRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(records).where(records.c.frame_id == frame_id)).first()
         return _record(row) if row else None
 
+    def similar(self, frame_id: str, k: int = 5, *, same_product: bool = True,
+                flagged_only: bool = True) -> list[SimilarRecord]:
+        """The k stored records whose defect descriptor is nearest (cosine) to this frame's, best first.
+
+        Brute force in numpy over every stored descriptor (of the same product by default): about 50 ms per
+        100k records. Raises KeyError for an unknown frame; returns [] when this frame has no descriptor.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(select(records.c.descriptor, records.c.product)
+                               .where(records.c.frame_id == frame_id)).first()
+            if row is None:
+                raise KeyError(frame_id)
+            if not row.descriptor:
+                return []
+            query = select(records.c.frame_id, records.c.descriptor).where(
+                records.c.descriptor.is_not(None), records.c.frame_id != frame_id)
+            if same_product:
+                query = query.where(records.c.product == row.product)
+            if flagged_only:
+                query = query.where(records.c.kind == "flagged")
+            candidates = conn.execute(query).all()
+        target = _unit(np.frombuffer(row.descriptor, dtype="<f2"))
+        candidates = [c for c in candidates if len(c.descriptor) == target.size * 2]
+        if not candidates:
+            return []
+        matrix = np.stack([np.frombuffer(c.descriptor, dtype="<f2") for c in candidates]).astype(np.float32)
+        matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        similarity = matrix @ target                                      # (N,)
+        best = np.argsort(-similarity, kind="stable")[:k]
+        ids = [candidates[i].frame_id for i in best]
+        with self.engine.connect() as conn:
+            found = {r.frame_id: _record(r) for r in conn.execute(select(records).where(records.c.frame_id.in_(ids)))}
+            types = latest_defect_types(conn, ids)
+        return [SimilarRecord(record=found[candidates[i].frame_id], similarity=round(float(similarity[i]), 4),
+                              defect_type=types.get(candidates[i].frame_id))
+                for i in best if candidates[i].frame_id in found]
+
     def count_records(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(records)).scalar_one()
 
-    def counts(self, *, line_id: str | None = None, product: str | None = None) -> dict[str, int]:
-        """Every verdict counted: {"frames", "flagged", "sampled"}, optionally for one line / product."""
+    def counts(self, *, line_id: str | None = None, product: str | None = None, first_day: str | None = None,
+               last_day: str | None = None) -> dict[str, int]:
+        """Every verdict counted: {"frames", "flagged", "sampled"}, optionally for one line / product and for
+        the capture days (UTC, "YYYY-MM-DD") from `first_day` to `last_day` inclusive."""
         query = select(func.coalesce(func.sum(frame_counts.c.frames), 0),
                        func.coalesce(func.sum(frame_counts.c.flagged), 0),
                        func.coalesce(func.sum(frame_counts.c.sampled), 0))
@@ -369,14 +425,47 @@ class RecordStore:
             query = query.where(frame_counts.c.line_id == line_id)
         if product is not None:
             query = query.where(frame_counts.c.product == product)
+        if first_day is not None:
+            query = query.where(frame_counts.c.day >= first_day)
+        if last_day is not None:
+            query = query.where(frame_counts.c.day <= last_day)
         with self.engine.connect() as conn:
             frames, flagged, sample = conn.execute(query).one()
         return {"frames": int(frames), "flagged": int(flagged), "sampled": int(sample)}
 
 
+def _filtered(query, *, since, until, line_id, product, camera_id, verdict, label_status):
+    """`query` with the filters of `RecordStore.query` (None = no filter)."""
+    if since is not None:
+        query = query.where(records.c.captured_at >= naive_utc(since))
+    if until is not None:
+        query = query.where(records.c.captured_at < naive_utc(until))
+    for column, value in ((records.c.line_id, line_id), (records.c.product, product),
+                          (records.c.camera_id, camera_id), (records.c.label_status, label_status)):
+        if value is not None:
+            query = query.where(column == value)
+    if verdict is not None:
+        query = query.where(records.c.is_anomalous == (verdict == "anomalous"))
+    return query
+
+
+class SimilarRecord(BaseModel):
+    """One result of `RecordStore.similar`: a stored record, its cosine similarity, its latest label's type."""
+
+    record: InspectionRecord
+    similarity: float
+    defect_type: str | None
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = vector.astype(np.float32)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
 def _record(row) -> InspectionRecord:
     data = dict(row._mapping)
     data.pop("verdict_json", None)
+    data.pop("descriptor", None)
     data["positions"] = json.loads(data["positions"])
     data["missing"] = [part for part in data["missing"].split(",") if part]
     data["captured_at"] = as_utc(data["captured_at"])

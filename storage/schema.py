@@ -7,6 +7,10 @@
 | `frame_counts` | (day, line_id, camera_id, product) | every verdict counted: frames, flagged, sampled |
 | `count_progress` | (topic, kafka_partition) | last verdict offset in `frame_counts` (exact counts on replay) |
 | `counted_frames` | frame_id | frames in `frame_counts`: a verdict re-sent under a new offset counts once |
+| `conversation_turns` | id | the dialogue service's questions and answers per frame (survive a restart) |
+
+Schema changes are additive: a new nullable column is listed in `ADDED_COLUMNS`, and `upgrade` adds it to a
+database created by an older build (`metadata.create_all` creates missing tables, never missing columns).
 
 Times are stored as naive UTC datetimes; `as_utc` turns them back into aware ones.
 """
@@ -22,6 +26,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -53,6 +58,7 @@ records = Table(
     Column("missing", String(100), nullable=False),       # "frame,heatmap" when the join timed out
     Column("label_status", String(16), nullable=False, index=True),  # unlabeled | defect | good
     Column("stored_at", DateTime, nullable=False),
+    Column("descriptor", LargeBinary),                    # float16 defect descriptor (Verdict.descriptor)
 )
 
 labels = Table(
@@ -92,6 +98,43 @@ counted_frames = Table(
     Column("frame_id", String(200), primary_key=True),
     Column("day", String(10), nullable=False, index=True),   # purged with the retention of flagged records
 )
+
+
+conversation_turns = Table(
+    "conversation_turns", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("frame_id", String(200), nullable=False, index=True),
+    Column("turn", Integer, nullable=False),
+    Column("operator", String(100), nullable=False),
+    Column("question", Text, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("intent", String(32), nullable=False),
+    Column("sources", Text, nullable=False),              # JSON list of {kind, ref, detail}
+    Column("latency_ms", Float, nullable=False),
+    Column("asked_at", DateTime, nullable=False),
+    UniqueConstraint("frame_id", "turn", name="uq_conversation_turn"),
+)
+
+# columns added after a table first shipped: (table, column); `upgrade` adds them to older databases
+ADDED_COLUMNS = ((records, "descriptor"),)
+
+
+def upgrade(engine) -> list[str]:
+    """Create missing tables and add missing nullable columns; returns what was added (idempotent)."""
+    from sqlalchemy import inspect, text
+
+    metadata.create_all(engine)
+    added = []
+    inspector = inspect(engine)
+    for table, name in ADDED_COLUMNS:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        if name in present:
+            continue
+        column_type = table.c[name].type.compile(dialect=engine.dialect)
+        with engine.begin() as conn:
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {name} {column_type}'))
+        added.append(f"{table.name}.{name}")
+    return added
 
 
 def naive_utc(value: datetime) -> datetime:

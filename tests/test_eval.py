@@ -58,7 +58,7 @@ def test_eval_command_prints_one_json_object(mvtec):
 def test_eval_all_shots_and_per_seed_runs(mvtec):
     report = evaluate(mvtec, shots="all", seeds=1, image_size=96, device="cpu")
     assert report["shots"] == "all" and report["runs"][0]["references"] == "all"
-    assert report["runs"][0]["calibration"] == "jitter"      # 3 references: too few to hold out
+    assert report["runs"][0]["calibration"] in ("reshot", "held-out", "simulated")
 
 
 def test_eval_rejects_bad_shots(mvtec):
@@ -123,7 +123,7 @@ def test_eval_uses_the_encoder_it_is_given(mvtec, clip_dir, monkeypatch):
     [model] = built
     assert type(model.encoder).__name__ == "ClipEncoder" and model.encoder.layers == (1, 2, 3, 4)
     assert model.encoder.has_text and model.encoder.image_size == 64 == report["image_size"]
-    assert report["encoder"] == f"clip:{clip_dir}@1,2,3,4" and report["runs"][0]["calibration"] == "jitter"
+    assert report["encoder"] == f"clip:{clip_dir}@1,2,3,4" and report["runs"][0]["calibration"] != "held-out"
     assert len(report["runs"][0]["references"]) == 1
 
 
@@ -134,3 +134,58 @@ def test_eval_zero_shot_without_a_text_tower_is_a_clear_error(mvtec):
     assert result.stdout == ""                             # no half-written JSON object
     assert result.stderr.startswith("error: ") and "zero-shot needs an encoder with a text tower" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_eval_over_a_folder_of_categories_and_several_data_options(mvtec, tmp_path):
+    import shutil
+
+    parent = tmp_path / "set"
+    shutil.copytree(mvtec, parent / "disc")
+    shutil.copytree(mvtec, parent / "disc_copy")
+    (parent / "notes").mkdir()                                    # not a category: ignored
+    result = CliRunner().invoke(app, ["eval", "--data", str(parent), "--shots", "1", "--size", "96",
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sorted(report["categories"]) == ["set/disc", "set/disc_copy"] and report["n_categories"] == 2
+    one, two = report["categories"].values()
+    for name in ("image_auroc", "balanced_accuracy", "recall", "false_alarm_rate", "best_balanced_accuracy",
+                 "threshold_gap", "confidence_ece"):
+        assert report["mean"][name] == pytest.approx((one[name] + two[name]) / 2, abs=0.011)
+    assert one["n_test"] == two["n_test"] == 9 and one["product"] == "disc" and two["product"] == "disc_copy"
+    again = CliRunner().invoke(app, ["eval", "--data", str(parent / "disc"), "--data", str(mvtec), "--shots", "1",
+                                     "--size", "96", "--device", "cpu"])
+    assert again.exit_code == 0 and len(json.loads(again.stdout)["categories"]) == 2
+    bad = CliRunner().invoke(app, ["eval", "--data", str(parent / "notes"), "--device", "cpu"])
+    assert bad.exit_code == 2 and "neither an MVTec-layout category" in bad.output
+
+
+def test_eval_reports_the_verdict_against_the_best_threshold(mvtec):
+    report = evaluate(mvtec, shots=2, seeds=2, image_size=96, device="cpu")
+    for run in report["runs"]:
+        assert run["best_balanced_accuracy"] >= run["balanced_accuracy"]
+        assert run["threshold_gap"] == pytest.approx(run["best_balanced_accuracy"] - run["balanced_accuracy"])
+        assert run["balanced_accuracy"] == pytest.approx((run["recall"] + 100 - run["false_alarm_rate"]) / 2)
+    for name in ("balanced_accuracy", "recall", "false_alarm_rate", "best_balanced_accuracy", "threshold_gap"):
+        assert f"{name}_std" in report
+
+
+def test_the_threshold_never_reads_the_test_set(mvtec, tmp_path):
+    """Replace every test image (good ones by defective ones and back): the thresholds stay the same."""
+    import shutil
+
+    changed = tmp_path / "disc"
+    shutil.copytree(mvtec, changed)
+    defective = sorted((changed / "test" / "scratch").iterdir())
+    good = sorted((changed / "test" / "good").iterdir())
+    for a, b in zip(defective, good, strict=False):
+        swap = a.read_bytes()
+        a.write_bytes(b.read_bytes())
+        b.write_bytes(swap)
+    for path in (changed / "test" / "missing_piece").iterdir():
+        cv2.imwrite(str(path), 255 - cv2.imread(str(path)))
+    for shots in (1, 2):
+        original = evaluate(mvtec, shots=shots, seeds=1, image_size=96, device="cpu")
+        swapped = evaluate(changed, shots=shots, seeds=1, image_size=96, device="cpu")
+        assert [r["threshold"] for r in original["runs"]] == [r["threshold"] for r in swapped["runs"]]
+        assert original["image_auroc"] != swapped["image_auroc"]      # the test set did change

@@ -131,6 +131,20 @@ def test_cli_folder_with_corrupt_jpeg_skips_and_counts(tmp_path, cli_env, settin
     assert {(m.width, m.height) for m in metas} == {(80, 64)}
 
 
+def test_cli_folder_whose_name_is_no_product_id_asks_for_one(tmp_path, cli_env, settings):
+    folder = tmp_path / "front cover"   # a space: not a valid product id in the contracts
+    folder.mkdir()
+    cv2.imwrite(str(folder / "good.png"), np.full((64, 80, 3), 40, np.uint8))
+    env = cli_env | {"LINEGUARD_TOPIC_PREFIX": settings.topic_prefix}
+    result = run_cli(["ingest", str(folder)], env)
+    assert result.returncode == 1
+    assert "product 'front cover'" in result.stderr and "name the product with --product" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run_cli(["ingest", str(folder), "--product", "front-cover"], env).returncode == 0
+    assert [decode_frame(r.value, r.headers)[0].product for r in read_topic_sync(settings, FRAMES, expect=1)] \
+        == ["front-cover"]
+
+
 def test_cli_missing_path(tmp_path, cli_env):
     missing = tmp_path / "nope"
     result = run_cli(["ingest", str(missing)], cli_env)

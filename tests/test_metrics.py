@@ -60,3 +60,31 @@ def test_per_defect_type_auroc_and_calibration_error():
     assert metrics.expected_calibration_error(labels, np.array([1.0, 1.0, 0.0, 0.0])) == 100.0
     assert metrics.mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2)))
     assert metrics.mean_std([2.0, float("nan")]) == (2.0, 0.0)
+
+
+def test_verdict_metrics_by_hand():
+    # 4 good parts, 1 flagged; 6 defective, 4 flagged
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    flagged = np.array([1, 0, 0, 0, 1, 1, 0, 1, 1, 0], bool)
+    result = metrics.verdict_metrics(labels, flagged)
+    assert result["recall"] == pytest.approx(100 * 4 / 6)
+    assert result["false_alarm_rate"] == pytest.approx(25.0)
+    assert result["balanced_accuracy"] == pytest.approx((100 * 4 / 6 + 75.0) / 2)
+    only_good = metrics.verdict_metrics(np.array([0, 0]), np.array([False, True]))
+    assert math.isnan(only_good["recall"]) and only_good["false_alarm_rate"] == 50.0
+
+
+def test_best_balanced_accuracy_is_the_best_single_threshold():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.5, 0.2, 0.4, 0.6, 0.9])
+    # thresholds by hand: > 0.45 → recall 2/3, false alarms 1/3 → 66.7; > 0.3 → recall 1, false alarms 1/3 → 83.3
+    assert metrics.best_balanced_accuracy(labels, scores) == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert metrics.best_balanced_accuracy(np.array([0, 1]), np.array([0.9, 0.1])) == 50.0   # flag nothing
+    assert metrics.best_balanced_accuracy(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3])) == 100.0
+    assert math.isnan(metrics.best_balanced_accuracy(np.array([1, 1]), np.array([0.1, 0.2])))
+    # never below the balanced accuracy of any threshold actually applied
+    rng = np.random.default_rng(1)
+    labels, scores = rng.integers(0, 2, 200), rng.random(200)
+    for threshold in (0.1, 0.5, 0.77):
+        applied = metrics.verdict_metrics(labels, scores > threshold)["balanced_accuracy"]
+        assert metrics.best_balanced_accuracy(labels, scores) >= applied

@@ -11,6 +11,7 @@ import pytest
 from inference import metrics
 from inference.model.api import Frame, InspectionModel, ModelConfig, ScoredFrame
 from inference.model.encoders import EncoderConfig
+from inference.model.verdict import VerdictConfig
 from ingest.simulator import LineSimulator
 from lineguard.events import POSITIONS, Verdict
 
@@ -123,7 +124,7 @@ def test_threshold_comes_from_references_only(sim):
     model = InspectionModel(ModelConfig(encoder=EncoderConfig(image_size=128), device="cpu"))
     references = sim.normal_references("disc", 2)
     first = model.set_references("disc", references)
-    assert first.method == "jitter" and first.threshold > first.normal_score > 0
+    assert first.method in ("reshot", "held-out", "simulated") and first.threshold > first.normal_score > 0
     # scoring anything, defects included, never moves it
     model.score([Frame(sim.part(i, "disc", "dent").image, "disc") for i in range(4)])
     assert model.states["disc"].calibration == first
@@ -132,9 +133,13 @@ def test_threshold_comes_from_references_only(sim):
     assert fresh.set_references("disc", references).threshold == pytest.approx(first.threshold)
     other = fresh.set_references("disc", sim.normal_references("disc", 3)[1:])
     assert other.threshold != pytest.approx(first.threshold)
-    # enough references: some are held out and scored as unseen normal parts
-    many = fresh.set_references("disc", sim.normal_references("disc", 8))
+    # one reference: re-shot views only; the older margin rule holds references out from 8 on
+    assert fresh.set_references("disc", references[:1]).method in ("reshot", "simulated")
+    margin = InspectionModel(ModelConfig(encoder=EncoderConfig(image_size=128), device="cpu",
+                                         verdict=VerdictConfig(rule="margin")))
+    many = margin.set_references("disc", sim.normal_references("disc", 8))
     assert many.method == "held-out" and many.n_samples == 8
+    assert margin.set_references("disc", references).method == "jitter"
     # add_references appends and recalibrates
     fresh.set_references("tile", sim.normal_references("tile", 1))
     fresh.add_references("tile", sim.normal_references("tile", 2)[1:])

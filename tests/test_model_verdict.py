@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.model.verdict import Calibration, VerdictConfig, calibrate, make_verdict, position_word
+from inference.model.verdict import (
+    Calibration,
+    VerdictConfig,
+    calibrate,
+    calibrate_tail,
+    make_verdict,
+    position_word,
+)
 
 
 def blob(shape, cy, cx, radius, value):
@@ -23,6 +30,33 @@ def test_calibration_rules():
     assert calibrate(np.array([0.05]), "jitter", VerdictConfig(jitter_margin=2.0)).threshold == pytest.approx(0.1)
     with pytest.raises(ValueError):
         calibrate(np.array([]), "jitter")
+
+
+def test_tail_rule_takes_the_tighter_estimate_by_hand():
+    reshot = np.array([0.08, 0.10, 0.12])                        # mean 0.10 → 2 x 0.10 = 0.20
+    alone = calibrate_tail(reshot, None)
+    assert (alone.method, alone.threshold, alone.normal_score) == ("reshot", pytest.approx(0.20), pytest.approx(0.10))
+    # held-out scores 0.05 and 0.06: log spread 0.129 < 0.2, so 0.2 is used; median exp(mean log) = sqrt(0.003)
+    tight = calibrate_tail(reshot, np.array([0.05, 0.06]))
+    expected = np.exp(np.log([0.05, 0.06]).mean() + 1.645 * 0.2)
+    assert tight.method == "held-out" and tight.threshold == pytest.approx(expected)
+    assert tight.normal_score == pytest.approx(np.sqrt(0.05 * 0.06)) and tight.n_samples == 2
+    # held-out parts that score far apart: their own spread counts, and the re-shot estimate is tighter
+    spread = np.log([0.05, 0.30]).std(ddof=1)
+    assert np.exp(np.log([0.05, 0.30]).mean() + 1.645 * spread) > 0.20
+    assert calibrate_tail(reshot, np.array([0.05, 0.30])).method == "reshot"
+    assert calibrate_tail(reshot, np.array([0.05])).method == "reshot"          # one held-out score is no fit
+    with pytest.raises(ValueError):
+        calibrate_tail(np.array([]), None)
+    margin = VerdictConfig(reshot_margin=3.0)
+    assert calibrate_tail(reshot, None, margin).threshold == pytest.approx(0.30)
+    # simulated defects on the references that score below the normal estimate cap it at their first quartile
+    simulated = np.array([0.10, 0.14, 0.18, 0.22, 0.40])              # quartile 0.14 < 0.20
+    capped = calibrate_tail(reshot, None, simulated_scores=simulated)
+    assert capped.method == "simulated" and capped.threshold == pytest.approx(0.14)
+    assert capped.normal_score == pytest.approx(0.14 / 1.5) and capped.probability(0.14) == pytest.approx(0.5)
+    assert calibrate_tail(reshot, None, simulated_scores=simulated + 0.2).method == "reshot"   # far above: no cap
+    assert calibrate_tail(reshot, None, VerdictConfig(simulated_quantile=None), simulated).method == "reshot"
 
 
 def test_confidence_is_calibrated_around_the_threshold():
@@ -62,3 +96,23 @@ def test_position_words():
     assert position_word(89, 10, 90, 90) == "top right"
     assert position_word(10, 89, 90, 90) == "bottom left"
     assert position_word(90, 90, 90, 90) == "bottom right"   # edges clamp into the grid
+
+
+def test_regions_keep_a_defects_shoulders_below_the_threshold():
+    """A flagged defect is outlined where it rises above what normal parts reach, not only where it
+    crosses the decision: the level is halfway (log) between the normal score and the threshold."""
+    c = Calibration(threshold=0.4, normal_score=0.1, method="reshot")
+    assert c.region_level == pytest.approx(0.2)
+    anomaly_map = np.full((60, 60), 0.05, np.float32)
+    anomaly_map += blob(anomaly_map.shape, 30, 30, 10, 0.2)       # shoulder: 0.25, below the threshold
+    anomaly_map += blob(anomaly_map.shape, 30, 30, 3, 0.3)        # peak: 0.55
+    verdict = make_verdict(anomaly_map, c)
+    assert verdict.is_anomalous and len(verdict.regions) == 1
+    assert verdict.regions[0].area_px == int((blob(anomaly_map.shape, 30, 30, 10, 1) > 0).sum())
+    # under the simulated cap the threshold is below the normal estimates: it is the level itself
+    capped = Calibration(threshold=0.4, normal_score=0.1, method="simulated")
+    assert capped.region_level == 0.4
+    peak_area = int((blob(anomaly_map.shape, 30, 30, 3, 1) > 0).sum())
+    assert make_verdict(anomaly_map, capped).regions[0].area_px == peak_area
+    # a frame below the threshold has no region, whatever its shoulders
+    assert make_verdict(np.minimum(anomaly_map, 0.39), c).regions == []

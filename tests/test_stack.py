@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -122,6 +123,15 @@ def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
     assert not (tmp_path / "stack.json").exists()
     log = (tmp_path / "infer.log").read_text()
     assert '"event": "worker_stopped"' in log  # the worker got SIGTERM and drained, not SIGKILL
+    # the operator console was served, with a demo operator token whose hash is in the token file
+    console = re.search(r"operator console (http://127\.0\.0\.1:\d+/)\s+\(demo operator token: (\S+)\)", result.stderr)
+    assert console, result.stderr
+    tokens = json.loads((tmp_path / "dialogue-tokens.json").read_text())["tokens"]
+    assert [t["role"] for t in tokens if t["sha256"] == hashlib.sha256(console.group(2).encode()).hexdigest()] == \
+        ["operator"]
+    dialogue_log = (tmp_path / "dialogue.log").read_text()
+    assert '"event": "dialogue_started"' in dialogue_log and '"event": "dialogue_stopped"' in dialogue_log
+    assert console.group(2) not in dialogue_log
 
     # the demo says where the data lives; the data is there, as many as each service says it counted
     assert "where the data lives:" in result.stderr
@@ -160,3 +170,155 @@ def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
             assert series and series[0]["values"][0][1] == counted["counted"], (window, series)
     finally:
         influx.stop()
+
+
+# --- lifecycle: nothing outlives its parent, `down`, stale stack files -----------------------------------
+
+
+def _stack_env(tmp_path) -> dict:
+    env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_EMBEDDED_KAFKA_PORT": "0",
+                              "LINEGUARD_EMBEDDED_INFLUX_PORT": "0", "LINEGUARD_LOG_JSON": "1"}
+    env.pop("LINEGUARD_KAFKA_BOOTSTRAP", None)
+    env.pop("LINEGUARD_INFLUX_URL", None)
+    return env
+
+
+def _stack_info(tmp_path) -> dict:
+    try:
+        return json.loads((tmp_path / "stack.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _ports(info: dict) -> list[int]:
+    return [int(info["kafka_bootstrap"].rsplit(":", 1)[1]), urllib.parse.urlparse(info["influx_url"]).port]
+
+
+def _all_gone(pids, ports) -> bool:
+    from deploy.stack import port_in_use
+
+    return not any(pid_alive(pid) for pid in pids) and not any(port_in_use(port) for port in ports)
+
+
+def _start_up(tmp_path) -> tuple[subprocess.Popen, dict]:
+    process = subprocess.Popen([sys.executable, "-m", "lineguard", "up"], env=_stack_env(tmp_path),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack_file = tmp_path / "stack.json"
+    info = _wait_for(lambda: stack_file.exists() and json.loads(stack_file.read_text()), 60, "stack.json")
+    return process, info
+
+
+def test_sigkill_of_up_leaves_no_server_and_frees_the_ports(tmp_path):
+    process, info = _start_up(tmp_path)
+    try:
+        children = _children_of(process.pid)
+        assert set(info["pids"].values()) <= children
+        process.kill()  # no handler runs: the kernel's parent-death signal must stop the servers
+        process.wait(10)
+        _wait_for(lambda: _all_gone(children, _ports(info)), 10, "servers gone and ports free after SIGKILL")
+        # the stack file is stale now (its owner is dead): the next `up` clears it and starts on the same ports
+        env = _stack_env(tmp_path) | {"LINEGUARD_EMBEDDED_KAFKA_PORT": str(_ports(info)[0]),
+                                      "LINEGUARD_EMBEDDED_INFLUX_PORT": str(_ports(info)[1])}
+        again = subprocess.Popen([sys.executable, "-m", "lineguard", "up"], env=env, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            fresh = _wait_for(lambda: (data := _stack_info(tmp_path)).get("owner_pid") == again.pid and data, 60,
+                              "a new stack.json")
+            assert _ports(fresh) == _ports(info)
+        finally:
+            again.terminate()
+            again.wait(30)
+        assert again.returncode == 0, again.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_down_stops_a_stack_started_in_another_shell(tmp_path):
+    process, info = _start_up(tmp_path)
+    try:
+        children = _children_of(process.pid)
+        result = subprocess.run([sys.executable, "-m", "lineguard", "down"], env=_stack_env(tmp_path),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert f"stopped owner pid {process.pid}" in result.stderr
+        assert process.wait(10) == 0  # `up` stopped cleanly on the SIGTERM `down` sent
+        _wait_for(lambda: _all_gone(children, _ports(info)), 10, "servers gone after down")
+        assert not (tmp_path / "stack.json").exists()
+        again = subprocess.run([sys.executable, "-m", "lineguard", "down"], env=_stack_env(tmp_path),
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "no embedded stack recorded" in again.stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stale_stack_file_with_orphaned_servers_is_cleaned_up(tmp_path):
+    """A stack file whose owner is gone but whose servers still run (e.g. left by an older build) is cleared:
+    its servers are stopped, and the new stack starts."""
+    from deploy.processes import create_time
+    from deploy.stack import free_port
+    from lineguard import tansu
+
+    port = free_port()
+    orphan = subprocess.Popen(tansu.broker_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    dead_owner = subprocess.Popen(["true"])
+    dead_owner.wait()
+    try:
+        from deploy.stack import port_in_use
+
+        _wait_for(lambda: port_in_use(port), 20, "orphan broker listening")
+        (tmp_path / "stack.json").write_text(json.dumps({
+            "owner_pid": dead_owner.pid, "kafka_bootstrap": f"127.0.0.1:{port}", "influx_url": None,
+            "pids": {"tansu": orphan.pid}, "create_times": {"tansu": create_time(orphan.pid)}}))
+        env = _stack_env(tmp_path) | {"LINEGUARD_EMBEDDED_KAFKA_PORT": str(port)}
+        process = subprocess.Popen([sys.executable, "-m", "lineguard", "up", "--no-influx"], env=env,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(lambda: orphan.poll() is not None, 30, "the orphaned broker stopped")
+            _wait_for(lambda: _stack_info(tmp_path).get("owner_pid") == process.pid, 60, "the new stack running")
+        finally:
+            process.terminate()
+            process.wait(30)
+        assert process.returncode == 0, process.stderr.read()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+
+
+def test_a_port_held_by_another_program_is_named(tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = _stack_env(tmp_path) | {"LINEGUARD_EMBEDDED_KAFKA_PORT": str(port)}
+        result = subprocess.run([sys.executable, "-m", "lineguard", "up", "--no-influx"], env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: port")
+    assert f"in use by pid {os.getpid()}" in lines[0] and "LINEGUARD_EMBEDDED_KAFKA_PORT" in lines[0]
+
+
+def test_sighup_of_demo_stops_every_service_and_server(tmp_path):
+    """A closed terminal sends SIGHUP: the demo stops its services and servers; nothing is orphaned."""
+    process = subprocess.Popen([sys.executable, "-m", "lineguard", "demo", "--rate", "4"], env=_stack_env(tmp_path),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: b"worker_started" in ((tmp_path / "infer.log").read_bytes()
+                                                if (tmp_path / "infer.log").exists() else b""), 240, "worker started")
+        info = json.loads((tmp_path / "stack.json").read_text())
+        children = _children_of(process.pid)
+        names = {Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in children
+                 if pid_alive(pid)}
+        assert sum(" infer" in n or " stats" in n or " store" in n for n in names) == 3, names
+        process.send_signal(signal.SIGHUP)
+        _wait_for(lambda: _all_gone(children | {process.pid}, _ports(info)), 10,
+                  "demo, its services and servers gone after SIGHUP")
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (tmp_path / "stack.json").exists()

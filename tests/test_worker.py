@@ -7,8 +7,6 @@ crashed worker and across a rebalance; bad frames land in the dead-letter topic 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +27,7 @@ from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_fra
 from lineguard.kafka import make_producer, start_client
 from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
-from tests.worker_helpers import dead_letters, group, group_lag
+from tests.worker_helpers import dead_letters, group, group_lag, healthy, worker_env
 
 # --- the offset rule, without Kafka ----------------------------------------------------------------------
 
@@ -56,14 +54,6 @@ def test_offsets_commit_only_below_the_oldest_unfinished_frame():
 
 
 
-def worker_env(settings) -> dict:
-    return dict(os.environ) | {"LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap,
-                               "LINEGUARD_TOPIC_PREFIX": settings.topic_prefix,
-                               "LINEGUARD_STATE_DIR": str(settings.state_dir), "LINEGUARD_LOG_JSON": "1"}
-
-
-
-
 def start_worker_process(settings, tmp_path, name: str, port: int) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port), "--no-text",
@@ -79,14 +69,6 @@ def wait_until(predicate, timeout_s: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def healthy(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
 
 
 def frames_done(port: int) -> float:
@@ -292,22 +274,33 @@ def test_exactly_one_verdict_per_frame_across_a_worker_crash(refs_settings, tmp_
 
 
 def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
-    settings, n = refs_settings, 240
+    """The line keeps running while a second worker starts (its model load takes 10-40 s on 2 busy cores) and
+    for a while after it joined, so the partitions move mid-stream."""
+    settings = refs_settings
     port_a, port_b = free_port(), free_port()
     worker_a = start_worker_process(settings, tmp_path, "a", port_a)
     worker_b = None
+    line_stop = threading.Event()
+    published = []
+
+    async def line():
+        seed = 100
+        while not line_stop.is_set():
+            report = await publish(open_source("simulator", seed=seed), settings, cameras=6, limit=8, rate=8)
+            published.append(report.published)
+            seed += 1
+
+    thread = threading.Thread(target=lambda: asyncio.run(line()))
     try:
         wait_until(lambda: healthy(port_a), 120, "worker a")
-
-        async def line():
-            await publish(open_source("simulator", seed=9), settings, cameras=6, limit=n, rate=8)
-
-        thread = threading.Thread(target=lambda: asyncio.run(line()))
         thread.start()
         wait_until(lambda: frames_done(port_a) >= 5, 120, "worker a scoring")
         worker_b = start_worker_process(settings, tmp_path, "b", port_b)  # joins the group: rebalance
-        wait_until(lambda: healthy(port_b), 120, "worker b")
+        wait_until(lambda: healthy(port_b), 180, "worker b")
+        wait_until(lambda: frames_done(port_b) >= 8, 60, "worker b scoring")
+        line_stop.set()
         thread.join(60)
+        n = sum(published)
         outputs = Outputs(settings).read(expect=n)
         done_a, done_b = frames_done(port_a), frames_done(port_b)
         # SIGTERM: both finish what they hold, commit and leave the group
@@ -315,6 +308,7 @@ def test_rebalance_between_two_workers_loses_nothing(refs_settings, tmp_path):
             process.send_signal(signal.SIGTERM)
         assert worker_a.wait(60) == 0 and worker_b.wait(60) == 0
     finally:
+        line_stop.set()
         for process in (worker_a, worker_b):
             if process is not None and process.poll() is None:
                 process.kill()
@@ -371,9 +365,10 @@ def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_
                                         env=env, capture_output=True, text=True, timeout=120)
         assert added.returncode == 0, added.stderr
         assert "gasket: added 2 reference image(s)" in added.stdout
-        for _ in range(100):
-            if "gasket" in model.products():
-                break
+        # the reload encodes the references and calibrates the threshold: seconds on a 2-core CPU
+        deadline = time.monotonic() + 90
+        while "gasket" not in model.products():
+            assert time.monotonic() < deadline, "the worker never reloaded gasket's references"
             await asyncio.sleep(0.1)
         await publish(Gasket(simulator), settings, limit=3)
         while worker.metrics.frames_total() < 3:

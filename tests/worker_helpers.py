@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import urllib.request
+
 from aiokafka.structs import TopicPartition
 
 from lineguard.kafka import make_consumer, start_client
@@ -30,3 +34,19 @@ async def group_lag(settings) -> int:
         return sum(ends[tp] - offset for tp, offset in zip(partitions, committed, strict=True))
     finally:
         await consumer.stop()
+
+
+def worker_env(settings) -> dict:
+    """Environment of a `lineguard infer` subprocess on this test's broker, topics and state dir."""
+    return dict(os.environ) | {"LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap,
+                               "LINEGUARD_TOPIC_PREFIX": settings.topic_prefix,
+                               "LINEGUARD_STATE_DIR": str(settings.state_dir), "LINEGUARD_LOG_JSON": "1"}
+
+
+def healthy(port: int) -> dict | None:
+    """The worker's /healthz answer, None while it is not serving."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None

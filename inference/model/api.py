@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from .decoder import AnomalyDecoder, DecoderConfig, ReferenceMemory, augment_views, state_prompts
+from .descriptor import defect_descriptor
 from .encoders import EncoderConfig, EncoderOutput, build_encoder
 from .synthetic import simulate_batch
-from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, make_verdict
+from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, calibrate_tail, make_verdict
 
-MODEL_VERSION = "fewshot-memory-2"
+MODEL_VERSION = "fewshot-memory-4"
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ScoredFrame:
     anomaly_map: np.ndarray          # (H, W) float32 at frame resolution
     product: str
     embedding: np.ndarray            # (D,) the encoder's global embedding, for the LVLM's image token
+    descriptor: np.ndarray | None = None  # (≤256,) float16 of the main defect, flagged frames only (descriptor.py)
 
     def __iter__(self):
         return iter((self.verdict, self.anomaly_map))
@@ -158,10 +160,25 @@ class InspectionModel:
         self.states[product] = state
         return calibration
 
-    def _memory(self, pixels: torch.Tensor, prompts: torch.Tensor | None) -> tuple[ReferenceMemory, float]:
+    @torch.inference_mode()
+    def widened(self, product: str, normals: list[np.ndarray], calibration: Calibration | None = None) -> ProductState:
+        """A new state of `product` whose memory holds its references plus more known-normal images (frames
+        operators labelled good), bounded by the coreset as always; prompts and, unless given, the
+        calibration are the current state's. The model itself is not changed."""
+        state = self.states[product]
+        memory, semantic_offset = self._memory(self.encoder.preprocess(state.references), state.prompts,
+                                               self.encoder.preprocess(list(normals)) if normals else None)
+        return ProductState(memory, calibration or state.calibration, state.prompts, semantic_offset,
+                            state.references)
+
+    def _memory(self, pixels: torch.Tensor, prompts: torch.Tensor | None,
+                extra: torch.Tensor | None = None) -> tuple[ReferenceMemory, float]:
+        """Memory of k references (augmented views when k is small) plus `extra` views as they are."""
         k = pixels.shape[0]
         augment = self.decoder_config.augment if k <= self.decoder_config.augment_max_references else "none"
         views = augment_views(pixels, augment)                             # (k*views, 3, S, S)
+        if extra is not None:
+            views = torch.cat([views, extra])
         offset = [0.0]
 
         def stage_batches():
@@ -180,19 +197,39 @@ class InspectionModel:
         k = pixels.shape[0]
         verdict_config = self.config.verdict
         rng = np.random.default_rng([self.config.seed, _stable_hash(product)])
+        if verdict_config.rule == "tail":
+            strength = verdict_config.reshot_strength
+            shots = [jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng, shift=0.03 * strength,
+                            degrees=5.0 * strength, scale=0.03 * strength, light=0.05 * strength)
+                     for i in range(max(self.config.n_jitter, k))]
+            views = torch.from_numpy(np.stack([view for view, _ in shots])).permute(0, 3, 1, 2)
+            reshot = self._map_scores(views, state, np.stack([valid for _, valid in shots]))
+            held_out = self._held_out_scores(state, pixels, rng) if k >= 2 else None
+            simulated = None
+            if verdict_config.simulated_quantile is not None:
+                bases = [pixels[i % k].permute(1, 2, 0).numpy() for i in range(max(self.config.n_jitter, k))]
+                anomalous, _ = simulate_batch(bases, 2 * len(bases), rng)
+                simulated = self._map_scores(torch.from_numpy(anomalous).permute(0, 3, 1, 2), state)
+            return calibrate_tail(reshot, held_out, verdict_config, simulated)
         if k >= verdict_config.min_held_out:
             # leave-one-out over up to 8 folds: each held-out reference is a genuinely unseen normal part
-            scores = []
-            for held in np.array_split(rng.permutation(k), min(k, 8)):
-                rest = np.setdiff1d(np.arange(k), held)
-                memory, _ = self._memory(pixels[torch.from_numpy(rest)], state.prompts)
-                held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
-                scores.append(self._map_scores(pixels[torch.from_numpy(held)], held_state))
-            return calibrate(np.concatenate(scores), "held-out", verdict_config)
+            return calibrate(self._held_out_scores(state, pixels, rng), "held-out", verdict_config)
         shots = [jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng) for i in range(max(self.config.n_jitter, k))]
         views = torch.from_numpy(np.stack([view for view, _ in shots])).permute(0, 3, 1, 2)
         scores = self._map_scores(views, state, np.stack([valid for _, valid in shots]))
         return calibrate(scores, "jitter", verdict_config)
+
+    def _held_out_scores(self, state: ProductState, pixels: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+        """Leave-one-out over up to 8 folds: each held-out reference, scored against a memory of the others,
+        is a genuinely unseen normal part."""
+        k = pixels.shape[0]
+        scores = []
+        for held in np.array_split(rng.permutation(k), min(k, 8)):
+            rest = np.setdiff1d(np.arange(k), held)
+            memory, _ = self._memory(pixels[torch.from_numpy(rest)], state.prompts)
+            held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
+            scores.append(self._map_scores(pixels[torch.from_numpy(held)], held_state))
+        return np.concatenate(scores)
 
     def _map_scores(self, pixels: torch.Tensor, state: ProductState, valid: np.ndarray | None = None) -> np.ndarray:
         """Image scores of (N, 3, S, S) views; `valid` (N, S, S) bool limits each maximum to real content."""
@@ -277,7 +314,11 @@ class InspectionModel:
                     H, W = frame.image.shape[:2]
                     full = cv2.resize(anomaly_map, (W, H), interpolation=cv2.INTER_LINEAR)
                     verdict = make_verdict(full, state.calibration, frame.mm_per_px, self.config.verdict)
-                    results[start + i] = ScoredFrame(verdict, full, product, embeddings[i])
+                    descriptor = None
+                    if verdict.is_anomalous:   # for the dialogue's similar-parts search
+                        descriptor = defect_descriptor([s[i] for s in out.patch_features], anomaly_map,
+                                                       verdict.threshold, self.decoder_config.memory_stages)
+                    results[start + i] = ScoredFrame(verdict, full, product, embeddings[i], descriptor)
         return results  # type: ignore[return-value]
 
     # --- answers ---------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""Settings of the dialogue service (`lineguard dialogue`), from `LINEGUARD_DIALOGUE_*` variables.
+
+The shared `lineguard.settings.Settings` says where Kafka and the state dir are, `StorageSettings` where
+the records database and artifacts are; this class adds what only the dialogue service needs.
+
+    >>> load_dialogue_settings(port=8080, rate_limit_per_minute=600).port
+    8080
+
+A bad value fails at start-up with a message naming the variable (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lineguard.settings import ConfigError, Settings
+
+DIALOGUE_ENV_PREFIX = "LINEGUARD_DIALOGUE_"
+
+
+class DialogueSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=DIALOGUE_ENV_PREFIX, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # tokens: a JSON file of {"tokens": [{"name", "role", "sha256"}]} (lineguard dialogue token writes it),
+    # and/or tokens in the environment: "role:name:token,role:name:token"
+    tokens_file: Path | None = None            # default: <state_dir>/dialogue-tokens.json
+    tokens: SecretStr | None = None
+    # requests per token (token bucket): selecting a part in the console costs ~8-14 GETs
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    rate_limit_burst: int = Field(default=60, ge=1)
+    max_question_chars: int = Field(default=1000, ge=10, le=10_000)
+    max_turns: int = Field(default=50, ge=1)                 # questions per conversation (frame)
+    cors_origins: str = ""                     # comma-separated origins; empty = CORS off
+    answerer: Literal["lvlm", "template"] = "lvlm"   # free-form questions: the LVLM follow-up path, or templates
+    llm: str | None = None                     # LLM dir or .gguf for free-form answers (default SmolLM2-135M)
+    encoder: str | None = None                 # the encoder the workers run (default efficientnet-lite0)
+    device: str = "cpu"                        # where the free-form path re-scores a stored image
+    similar_k: int = Field(default=5, ge=1, le=50)
+    stream_queue: int = Field(default=100, ge=1)             # verdicts buffered per SSE client (oldest dropped)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"expected http(s)://host[:port] origins separated by commas, got {origin!r}")
+        return value
+
+    @property
+    def cors(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    def token_file(self, settings: Settings) -> Path:
+        return self.tokens_file or settings.state_dir / "dialogue-tokens.json"
+
+
+def load_dialogue_settings(**overrides) -> DialogueSettings:
+    """DialogueSettings from the environment; raises ConfigError naming the variable on a bad value."""
+    try:
+        return DialogueSettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"{DIALOGUE_ENV_PREFIX}{field.upper()}" if field else "settings"
+            problems.append(f"{name}: {error['msg']}".replace("Value error, ", ""))
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,65 @@
+"""Learning from labels (training/learn.py): the threshold rules by hand, and the model learning a new
+kind of normal part from frames labelled good, without losing its defects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.learn import Labelled, LearnConfig, choose_threshold, learn, score_with, verdict_report
+
+
+def test_threshold_from_both_classes_is_the_middle_of_the_best_gap():
+    good, defect = np.array([0.10, 0.12, 0.20]), np.array([0.30, 0.50])
+    threshold, method = choose_threshold(0.15, good, defect)
+    assert method == "labels" and threshold == pytest.approx(np.sqrt(0.20 * 0.30))
+    # overlapping classes: the cut with the best balanced accuracy (one good above it: 5/6 + 1 / 2)
+    threshold, _ = choose_threshold(0.15, np.array([0.1, 0.2, 0.6]), np.array([0.4, 0.5]))
+    assert 0.2 < threshold < 0.4
+
+
+def test_one_class_bounds_and_the_sanity_clamp():
+    config = LearnConfig(margin=1.0, max_factor=4.0)
+    assert choose_threshold(0.15, np.array([0.1, 0.3]), np.array([]), config) == (0.3, "labels: good only")
+    assert choose_threshold(0.15, np.array([0.1]), np.array([]), config)[0] == 0.15       # never below auto
+    assert choose_threshold(0.15, np.array([]), np.array([0.12, 0.4]), config) == (0.12, "labels: defects only")
+    assert choose_threshold(0.15, np.array([]), np.array([0.5]), config)[0] == 0.15       # never above auto
+    assert choose_threshold(0.15, np.array([5.0]), np.array([]), config)[0] == pytest.approx(0.6)   # auto x 4
+    assert choose_threshold(0.15, np.array([]), np.array([]), config) == (0.15, "auto")
+
+
+def striped(image: np.ndarray, period: int = 9) -> np.ndarray:
+    """A new supplier's surface: fine stripes the references never showed, on a part that is still good."""
+    stripes = (18 * np.sin(np.arange(image.shape[1]) * 2 * np.pi / period)).astype(np.float32)
+    return np.clip(image.astype(np.float32) + stripes[None, :, None], 0, 255).astype(np.uint8)
+
+
+def test_frames_labelled_good_teach_a_new_normal_variation_and_defects_stay_flagged():
+    from inference.model.api import InspectionModel, ModelConfig
+    from ingest.simulator import LineSimulator
+
+    simulator = LineSimulator(products=("disc",), seed=5)
+    # the default encoder with a shorter calibration (fewer re-shots and prototype steps): a test budget
+    model = InspectionModel(ModelConfig(device="cpu", n_jitter=4, prototype_views=8, prototype_steps=30))
+    model.set_references("disc", simulator.normal_references("disc", 2))
+    variation = [striped(simulator.part(i, "disc", defect_type=None).image) for i in range(16)]
+    parts = [simulator.part(100 + i, "disc", defect_type="contamination") for i in range(10)]
+    defects = [striped(part.image) for part in parts]
+    fresh, taught = variation[:8], variation[8:]
+    live = model.states["disc"]
+    before = score_with(model, "disc", live, fresh) > live.calibration.threshold
+    assert before.mean() >= 0.5, "the stripes should look anomalous to the references-only model"
+
+    labelled = [Labelled(image, False) for image in taught] + [Labelled(image, True) for image in defects[:4]]
+    candidate = learn(model, "disc", labelled)
+    assert model.states["disc"] is live                       # learning never touches the live model
+    assert candidate.method == "labels"
+    threshold = candidate.state.calibration.threshold
+    after = score_with(model, "disc", candidate.state, fresh) > threshold
+    caught = score_with(model, "disc", candidate.state, defects[4:]) > threshold
+    assert after.mean() <= 0.3 * before.mean(), (before.mean(), after.mean())
+    assert caught.mean() >= 0.9
+    report = verdict_report(np.array([0] * 8 + [1] * 6), np.concatenate([
+        score_with(model, "disc", candidate.state, fresh), score_with(model, "disc", candidate.state, defects[4:])]),
+        threshold)
+    assert report["balanced_accuracy"] >= 85 and report["threshold_gap"] >= 0

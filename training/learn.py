@@ -1,0 +1,128 @@
+"""Learning from operators' labels: a candidate state of one product, from its references and labelled frames.
+
+What the labels teach, and how:
+- frames labelled **good** join the product's normal memory (bounded by the coreset as always), so that
+  kind of normal part stops being flagged;
+- the **threshold** is re-derived from the labelled frames' scores under the candidate memory. A frame
+  labelled good is scored by a memory that does not hold it (cross-fitting over `folds`), as a new part
+  of its kind would be. With both classes the threshold is the best balanced accuracy's cut, in the
+  middle (log-score) of the gap where it is best; with goods only it rises to just above them; with
+  defects only it falls to just below them. It never leaves [auto / max_factor, auto * max_factor], so
+  a handful of labels cannot move it anywhere absurd, and the evaluation gate judges the rest.
+
+    >>> candidate = learn(model, "bottle", [Labelled(image, is_defect=False), ...])
+    >>> candidate.state.calibration.threshold, candidate.method
+    (0.21, 'labels')
+    >>> scores = score_with(model, "bottle", candidate.state, images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference import metrics
+from inference.model.api import InspectionModel, ProductState
+from inference.model.verdict import Calibration
+
+
+@dataclass
+class LearnConfig:
+    folds: int = 2                   # cross-fitting folds for the scores of frames labelled good
+    max_factor: float = 4.0          # the learned threshold stays within [auto / 4, auto * 4]
+    max_normals: int = 64            # at most this many frames labelled good join the memory (the newest)
+    margin: float = 1.02             # one-class bounds sit this factor beyond the labelled scores
+
+
+@dataclass
+class Labelled:
+    """One labelled frame: its pixels (H, W, 3 uint8 RGB) and the operator's judgement."""
+
+    image: np.ndarray
+    is_defect: bool
+
+
+@dataclass
+class Candidate:
+    state: ProductState
+    method: str                      # "labels", "labels: good only", "labels: defects only" or "auto"
+    auto_threshold: float
+    good_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))     # cross-fitted
+    defect_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+@contextlib.contextmanager
+def _installed(model: InspectionModel, product: str, state: ProductState):
+    """Score with `state` in place of the product's live one, then put the live one back."""
+    live = model.states[product]
+    model.states[product] = state
+    try:
+        yield
+    finally:
+        model.states[product] = live
+
+
+def score_with(model: InspectionModel, product: str, state: ProductState, images: list[np.ndarray]) -> np.ndarray:
+    """Image scores of `images` under a (candidate) state of the product."""
+    if not images:
+        return np.zeros(0)
+    with _installed(model, product, state):
+        return np.array([s.verdict.score for s in model.score([(product, image) for image in images])])
+
+
+def choose_threshold(auto: float, good: np.ndarray, defect: np.ndarray,
+                     config: LearnConfig | None = None) -> tuple[float, str]:
+    """The threshold the labelled scores support, and which rule gave it (see the module docstring)."""
+    config = config or LearnConfig()
+    good, defect = np.asarray(good, np.float64), np.asarray(defect, np.float64)
+    if good.size and defect.size:
+        cuts = np.unique(np.concatenate([good, defect]))
+        # a frame is flagged when its score is above the threshold: try a cut just below each score, and
+        # one above all of them
+        candidates = np.concatenate([cuts * (1 - 1e-9), [cuts[-1] * (1 + 1e-9)]])
+        balanced = [(np.mean(defect > t) + np.mean(good <= t)) / 2 for t in candidates]
+        best = np.flatnonzero(np.isclose(balanced, max(balanced)))
+        # the widest range of equally good cuts: its middle in log-score, between the scores that bound it
+        low = float(max(good[good <= candidates[best[0]]], default=candidates[best[0]]))
+        high = float(min(defect[defect > candidates[best[-1]]], default=candidates[best[-1]]))
+        threshold, method = float(np.sqrt(max(low, 1e-9) * max(high, 1e-9))), "labels"
+    elif good.size:
+        threshold, method = max(auto, float(good.max()) * config.margin), "labels: good only"
+    elif defect.size:
+        threshold, method = min(auto, float(defect.min()) / config.margin), "labels: defects only"
+    else:
+        return auto, "auto"
+    return float(np.clip(threshold, auto / config.max_factor, auto * config.max_factor)), method
+
+
+def learn(model: InspectionModel, product: str, labelled: list[Labelled], config: LearnConfig | None = None,
+          seed: int = 0) -> Candidate:
+    """A candidate state of `product` (the model's live state is left as it is)."""
+    config = config or LearnConfig()
+    live = model.states[product]
+    auto = live.calibration.threshold
+    goods = [x.image for x in labelled if not x.is_defect][-config.max_normals:]
+    defects = [x.image for x in labelled if x.is_defect]
+    good_scores = np.zeros(len(goods))
+    if goods:
+        folds = np.array_split(np.random.default_rng(seed).permutation(len(goods)), min(config.folds, len(goods)))
+        for fold in folds:
+            rest = [goods[i] for i in np.setdiff1d(np.arange(len(goods)), fold)]
+            good_scores[fold] = score_with(model, product, model.widened(product, rest), [goods[i] for i in fold])
+    state = model.widened(product, goods) if goods else live
+    defect_scores = score_with(model, product, state, defects)
+    threshold, method = choose_threshold(auto, good_scores, defect_scores, config)
+    normal = float(np.median(good_scores)) if goods else live.calibration.normal_score * threshold / auto
+    calibration = Calibration(threshold=threshold, normal_score=min(max(normal, 1e-6), threshold / 1.2),
+                              method=method, n_samples=len(labelled), normal_sigmas=live.calibration.normal_sigmas)
+    state = ProductState(state.memory, calibration, state.prompts, state.semantic_offset, state.references)
+    return Candidate(state, method, auto, good_scores, defect_scores)
+
+
+def verdict_report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """The automatic verdict's metrics at `threshold`, with the best any threshold reaches and the gap."""
+    decided = metrics.verdict_metrics(labels, scores > threshold)
+    best = metrics.best_balanced_accuracy(labels, scores)
+    return {**decided, "best_balanced_accuracy": best, "threshold_gap": best - decided["balanced_accuracy"]}
