@@ -17,6 +17,7 @@ Intent = Literal["position", "size", "confidence", "count", "history", "similari
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     records: int
+    llm: Literal["off", "loading", "ready", "failed"] = "off"   # the free-form answerer (fact answers never wait)
 
 
 class Me(BaseModel):

@@ -41,6 +41,10 @@ class DialogueSettings(BaseSettings):
     llm: str | None = None                     # LLM dir or .gguf for free-form answers (default SmolLM2-135M)
     encoder: str | None = None                 # the encoder the workers run (default efficientnet-lite0)
     device: str = "cpu"                        # where the free-form path re-scores a stored image
+    llm_history_turns: int = Field(default=1, ge=0, le=50)   # earlier turns the LLM reads (prompt length = latency)
+    llm_max_new_tokens: int = Field(default=20, ge=8, le=256)  # a reply's cap, cut back to whole sentences;
+                                                              # ~40 ms per token on 2 cores
+    warm_up: bool = True                       # load the LLM and the stored products' references at start-up
     similar_k: int = Field(default=5, ge=1, le=50)
     stream_queue: int = Field(default=100, ge=1)             # verdicts buffered per SSE client (oldest dropped)
 

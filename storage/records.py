@@ -368,6 +368,13 @@ class RecordStore:
             found |= set(conn.execute(select(records.c.line_id).distinct()).scalars())
         return sorted(found)
 
+    def products(self) -> list[str]:
+        """Products with stored records, the most recently captured first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(records.c.product, func.max(records.c.captured_at).label("last"))
+                                .group_by(records.c.product).order_by(func.max(records.c.captured_at).desc()))
+            return [row.product for row in rows]
+
     def get(self, frame_id: str) -> InspectionRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(records).where(records.c.frame_id == frame_id)).first()

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import structlog.testing
 from dialogue_helpers import (
+    PRODUCT,
     TOKENS,
     dialogue_settings_for,
     publish_line_frames,
@@ -176,7 +177,10 @@ def test_records_details_artifacts_and_pages_match_the_store(line, service, clie
     expected = line.store.similar(record.frame_id, 3)
     assert [i["record"]["frame_id"] for i in similar["items"]] == [m.record.frame_id for m in expected]
     assert [i["similarity"] for i in similar["items"]] == [m.similarity for m in expected]
-    assert client.get("/healthz").json() == {"status": "ok", "records": line.store.count_records()}
+    health = wait_until(lambda: (h := client.get("/healthz").json())["llm"] != "loading" and h, timeout_s=180)
+    # the service warmed up at start-up: the LLM and the stored product's references are loaded
+    assert health == {"status": "ok", "records": line.store.count_records(), "llm": "ready"}
+    assert PRODUCT in service.app.state.service.answerer.free_form.model.products()
     assert client.get("/api/me", headers=viewer).json() == {"name": "screen-1", "role": "viewer"}
     openapi = client.get("/api/openapi.json", headers=viewer).json()
     assert "/api/records/{frame_id}/questions" in openapi["paths"]

@@ -97,6 +97,7 @@ class ProductState:
                                                         # or learned prototypes S x (2, C_s) (no text tower)
     semantic_offset: float
     references: list[np.ndarray]
+    version: str | None = None       # the registry version it came from (inference/registry.py); None = references
 
 
 class InspectionModel:
@@ -334,12 +335,13 @@ class InspectionModel:
         return self._lvlm
 
     def answer(self, scored: list[ScoredFrame], questions: list[str] | str | None = None,
-               histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
+               histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None) -> list[str]:
         """AnomalyGPT-style answers for the given (flagged) frames, in one batched generation.
 
         `questions` defaults to "Is there any anomaly in the image?"; `histories` holds the earlier
         (question, answer) turns of each conversation. Answers never contradict the verdicts. The
         opening question is answered from the verdict alone, so the LLM is loaded only for follow-ups.
+        `max_new_tokens` caps the reply (default: the LVLM config's).
         """
         from .lvlm import first_answer, is_first_question
 
@@ -347,7 +349,7 @@ class InspectionModel:
             questions = [questions] * len(scored)
         if all(is_first_question(q) for q in questions):
             return [first_answer(s.verdict) for s in scored]
-        return self.lvlm.answer(scored, questions, histories)
+        return self.lvlm.answer(scored, questions, histories, max_new_tokens=max_new_tokens)
 
     def explain(self, items: list[tuple[object, ScoredFrame]]) -> list[str]:
         """The worker's hook: `(frame, scored)` pairs of flagged frames -> their first answers."""

@@ -179,7 +179,7 @@ class AnomalyLVLM(nn.Module):
 
     @torch.inference_mode()
     def answer(self, scored: list, questions: list[str | None] | str | None = None,
-               histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
+               histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None) -> list[str]:
         """One answer per scored frame; follow-ups of all frames share one batched `generate`."""
         if questions is None or isinstance(questions, str):
             questions = [questions] * len(scored)
@@ -191,15 +191,17 @@ class AnomalyLVLM(nn.Module):
         todo = [i for i, a in enumerate(answers) if a is None]
         if todo:
             replies = self.generate([scored[i] for i in todo], [questions[i] for i in todo],
-                                    [list(histories[i]) for i in todo])
+                                    [list(histories[i]) for i in todo], max_new_tokens)
             for i, reply in zip(todo, replies, strict=True):
                 verdict = scored[i].verdict
                 answers[i] = reply if not self.config.guard or guard(reply, verdict, questions[i]) \
                     else factual_answer(verdict, questions[i])
         return answers  # type: ignore[return-value]
 
-    def generate(self, scored: list, questions: list[str], histories: list[list[tuple[str, str]]]) -> list[str]:
-        """Raw LLM replies, one left-padded batch."""
+    def generate(self, scored: list, questions: list[str], histories: list[list[tuple[str, str]]],
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Raw LLM replies, one left-padded batch. A reply cut off by the token cap ends at its last whole
+        sentence (when it has one)."""
         image, prompts = self.soft_tokens(scored)
         sequences = [self.embed_chat(self.chat_text(s.verdict, q, h), image[i], prompts[i])
                      for i, (s, q, h) in enumerate(zip(scored, questions, histories, strict=True))]
@@ -212,13 +214,26 @@ class AnomalyLVLM(nn.Module):
             mask[i, T - len(x):] = 1
         greedy = self.config.temperature <= 0
         sampling = {} if greedy else {"temperature": self.config.temperature, "top_p": 0.9}
-        out = self.llm.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=self.config.max_new_tokens,
+        cap = max_new_tokens or self.config.max_new_tokens
+        out = self.llm.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=cap,
                                 do_sample=not greedy, repetition_penalty=self.config.repetition_penalty,
                                 pad_token_id=self.pad_id, **sampling)                   # (B, new)
-        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        replies = [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        ended = [bool((row == self.pad_id).any()) or len(row) < cap for row in out]
+        return [reply if done else whole_sentences(reply) for reply, done in zip(replies, ended, strict=True)]
 
 
 # --- facts, templates and the guard ----------------------------------------------------------------
+
+def whole_sentences(text: str) -> str:
+    """`text` up to its last sentence end ('.', '!' or '?' before a space or the end); all of it if it has none.
+
+    >>> whole_sentences("The part is flagged. Its main region is at the")
+    'The part is flagged.'
+    """
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[:ends[-1]].strip() if ends else text
+
 
 def is_first_question(question: str | None) -> bool:
     """Is this AnomalyGPT's opening question (or none), which the verdict alone answers?"""
