@@ -124,6 +124,7 @@ class Item:
     latency: dict[str, float] = field(default_factory=dict)
     size: tuple[int, int] = (0, 0)         # (width, height) from the JPEG header
     reserved: int = 0                      # bytes of the worker's memory budget this frame holds
+    model_version: str = ""                # the model and product version that scored it (set at submission)
 
     @property
     def tp(self) -> TopicPartition:
@@ -150,7 +151,7 @@ class WorkerConfig:
 
 class InferenceWorker:
     def __init__(self, settings: Settings, model: Scorer, config: WorkerConfig | None = None,
-                 metrics: WorkerMetrics | None = None):
+                 metrics: WorkerMetrics | None = None, registry=None):
         self.settings = settings
         self.model = model
         self.config = config or WorkerConfig()
@@ -159,6 +160,8 @@ class InferenceWorker:
         self.tracker = OffsetTracker()
         self.budget = MemoryBudget(settings.worker_memory_mb * 2**20)
         self._canaries: dict[str, np.ndarray] = {}   # product → a reference image: is the model itself broken?
+        self.registry = registry                      # released model versions (None: references only)
+        self._swaps: dict[str, object] = {}           # product → a loaded ProductState, installed between batches
         self._failures_in_a_row = 0
         self.failure: BaseException | None = None    # why the worker stopped on its own
         self.decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
@@ -187,7 +190,63 @@ class InferenceWorker:
                 self._canaries[product] = images[0]
                 loaded.append(product)
         log.info("references_loaded", products=loaded)
+        for product in loaded:
+            live = self._live_version(product)
+            if live is not None:
+                state = self._load_version(product, live)
+                if state is not None:
+                    self.model.states[product] = state
         return loaded
+
+    def _live_version(self, product: str) -> str | None:
+        if self.registry is None:
+            return None
+        try:
+            found = self.registry.live(product)
+        except Exception as exc:  # noqa: BLE001 - the registry is unreachable: serve the references
+            log.warning("registry_unavailable", product=product, error=str(exc).splitlines()[0][:200])
+            return None
+        return found.version if found else None
+
+    def _load_version(self, product: str, version: str):
+        """A released version's state, checked against this model; None (and a log line saying why) when it
+        cannot be loaded: the worker keeps what it runs."""
+        try:
+            found = self.registry.get(version)
+            if found.product != product:
+                raise ValueError(f"{version} is a version of {found.product}, not {product}")
+            if found.model_code != self.model.version:
+                raise ValueError(f"{version} was built by {found.model_code}; this worker runs {self.model.version}")
+            state = self.registry.load_state(version, getattr(self.model, "device", "cpu"))
+            state.version = version
+            return state
+        except Exception as exc:  # noqa: BLE001 - a bad release must never stop the line
+            log.error("model_version_not_loaded", product=product, version=version,
+                      error=str(exc).splitlines()[0][:300], keeps=self.version_of(product))
+            return None
+
+    def version_of(self, product: str) -> str:
+        """What verdicts of `product` carry as model_version: the model, plus the registry version if any."""
+        state = self.model.states.get(product)
+        version = getattr(state, "version", None)
+        return self.model.version if version is None else f"{self.model.version}/{version}"
+
+    def upcoming_version(self, product: str) -> str:
+        """The version the next batch of `product` runs: a loaded release waiting for the batch boundary, or
+        the installed one."""
+        state = self._swaps.get(product)
+        if state is None:
+            return self.version_of(product)
+        version = getattr(state, "version", None)
+        return self.model.version if version is None else f"{self.model.version}/{version}"
+
+    def _apply_swaps(self) -> None:
+        """Between batches (nothing in flight): install the versions loaded since the last batch."""
+        swaps, self._swaps = self._swaps, {}
+        for product, state in swaps.items():
+            before = self.version_of(product)
+            self.model.states[product] = state
+            log.info("model_swapped", product=product, before=before, after=self.version_of(product))
 
     def stop(self) -> None:
         """Ask the worker to finish what it holds, commit and leave the group."""
@@ -372,8 +431,14 @@ class InferenceWorker:
             if not pending:
                 break
             items, pending = pending[:self.config.max_batch], pending[self.config.max_batch:]
+            if self._swaps:   # a released version goes in at a batch boundary: finish what is in flight first
+                while in_flight:
+                    await self._scored(*in_flight.popleft(), publish_q)
+                self._apply_swaps()
             if len(in_flight) >= self.model_threads:
                 await self._scored(*in_flight.popleft(), publish_q)
+            for item in items:
+                item.model_version = self.version_of(item.meta.product)
             future = asyncio.get_running_loop().run_in_executor(self.model_pool, self._timed_score,
                                                                 [i.frame for i in items])
             in_flight.append((items, future))
@@ -610,8 +675,41 @@ class InferenceWorker:
                 if update.kind == "references_changed" and update.product:
                     loaded = await asyncio.to_thread(self.load_references, [update.product])
                     log.info("references_reloaded", product=update.product, loaded=bool(loaded))
+                elif update.kind == "model_released" and update.product and self.registry is not None:
+                    try:
+                        await self._model_released(update.product, update.model_version)
+                    except Exception as exc:  # noqa: BLE001 - a bad release must never stop the line
+                        log.error("model_version_not_loaded", product=update.product, version=update.model_version,
+                                  error=str(exc).splitlines()[0][:300], keeps=self.version_of(update.product))
         finally:
             await consumer.stop()
+
+    async def _model_released(self, product: str, version: str | None) -> None:
+        """Load a released version (None: back to the references alone) for the next batch boundary."""
+        if version is None:
+            images = await asyncio.to_thread(self.references.load, product)
+            if not images:
+                log.error("model_version_not_loaded", product=product, version=None, error="no references",
+                          keeps=self.version_of(product))
+                return
+            base = await asyncio.to_thread(self._calibrated, product, images)
+            if base is not None:
+                self._swaps[product] = base
+            return
+        state = await asyncio.to_thread(self._load_version, product, version)
+        if state is not None:
+            self._swaps[product] = state
+            log.info("model_release_loaded", product=product, version=version)
+
+    def _calibrated(self, product: str, images: list):
+        """The product's state from its references alone, built beside the live one (which keeps serving)."""
+        live = self.model.states.get(product)
+        try:
+            self.model.set_references(product, images)
+            return self.model.states[product]
+        finally:
+            if live is not None:
+                self.model.states[product] = live
 
     # -- helpers --------------------------------------------------------------------------------
     def _heatmap(self, item: Item) -> Heatmap:
@@ -633,8 +731,9 @@ class InferenceWorker:
         return Verdict(frame_id=meta.frame_id, line_id=meta.line_id, camera_id=meta.camera_id, product=meta.product,
                        captured_at=meta.captured_at, score=scored.score, threshold=scored.threshold,
                        is_anomalous=scored.is_anomalous, confidence=scored.confidence, regions=scored.regions,
-                       positions=scored.positions, answer=answer, model_version=self.model.version,
-                       latency=latency, ground_truth_defect=truth, produced_at=datetime.now(UTC),
+                       positions=scored.positions, answer=answer,
+                       model_version=item.model_version or self.model.version, latency=latency,
+                       ground_truth_defect=truth, produced_at=datetime.now(UTC),
                        descriptor=_descriptor_bytes(scored))
 
     def _finish(self, item: Item, publish_started: float) -> None:

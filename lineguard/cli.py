@@ -34,14 +34,16 @@ EXIT_CONFIG = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deploy.stack import StackError
     from inference.references import ReferenceError
+    from inference.registry import RegistryError
     from inference.worker import ModelBroken
     from ingest.publisher import DeliveryFailed, FrameTooLarge
     from ingest.sources import SourceError
     from lineguard.kafka import KafkaUnavailable
     from storage.artifacts import StorageError
+    from training.train import TrainingLocked
 
     return (StackError, DeliveryFailed, FrameTooLarge, SourceError, KafkaUnavailable, ReferenceError, ModelBroken,
-            StorageError)
+            StorageError, RegistryError, TrainingLocked)
 
 
 def cli_command(func):
@@ -217,6 +219,7 @@ def infer(
     group_id: str = typer.Option("lineguard-inference", help="Kafka consumer group of the workers."),
 ) -> None:
     """Consume frames, score them in dynamic batches, publish a Verdict and a Heatmap for each."""
+    from inference.registry import ModelRegistry
     from inference.scorer import build_scorer
     from inference.worker import InferenceWorker, WorkerConfig
 
@@ -224,7 +227,7 @@ def infer(
     scorer = build_scorer(encoder=encoder, device=device, text=text, batch_size=max_batch)
     config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
                           http_port=None if http_port < 0 else http_port)
-    worker = InferenceWorker(settings, scorer, config)
+    worker = InferenceWorker(settings, scorer, config, registry=ModelRegistry.from_settings(settings))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -439,9 +442,26 @@ from inference.cli import eval_command  # noqa: E402
 app.command("eval")(cli_command(eval_command))
 
 # -- learning from labels (training/cli.py imports torch only when it runs) -------------------------
-from training.cli import bench_train_command  # noqa: E402
+from training.cli import (  # noqa: E402
+    bench_train_command,
+    models_list_command,
+    models_promote_command,
+    models_rollback_command,
+    models_show_command,
+    train_command,
+)
 
 bench_app.command("train")(cli_command(bench_train_command))
+train_app = typer.Typer(help="Learn from operators' labels: candidates, the evaluation gate, promotion.",
+                        invoke_without_command=True)
+train_app.callback()(cli_command(train_command))
+app.add_typer(train_app, name="train")
+models_app = typer.Typer(help="The model registry: versions per product, promote, roll back.", no_args_is_help=True)
+models_app.command("list")(cli_command(models_list_command))
+models_app.command("show")(cli_command(models_show_command))
+models_app.command("promote")(cli_command(models_promote_command))
+models_app.command("rollback")(cli_command(models_rollback_command))
+app.add_typer(models_app, name="models")
 
 
 # -- the dialogue service (dialogue/cli.py imports FastAPI and the models only when it runs) ---------

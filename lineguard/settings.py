@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     influx_url: str | None = None
     influx_database: str = "lineguard"
 
+    # Shared state: the records database (records, labels, the model registry's index) and the artifact store
+    # (images, heatmaps, model bundles). StorageSettings reads the same variables for the recorder.
+    store_db_url: str | None = None     # default: sqlite:///<state_dir>/records.sqlite
+    store_artifacts: str | None = None  # default: <state_dir>/artifacts; or s3://bucket/prefix
+
     # Embedded stack ports (0 = pick a free one)
     embedded_kafka_port: int = Field(default=19092, ge=0, le=65535)
     embedded_influx_port: int = Field(default=18086, ge=0, le=65535)
@@ -108,6 +113,12 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"
+
+    def records_db_url(self) -> str:
+        return self.store_db_url or f"sqlite:///{(self.state_dir / 'records.sqlite').resolve()}"
+
+    def artifacts_location(self) -> str:
+        return self.store_artifacts or str((self.state_dir / "artifacts").resolve())
 
     @property
     def stack_file(self) -> Path:

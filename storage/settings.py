@@ -62,12 +62,10 @@ class StorageSettings(BaseSettings):
         return self
 
     def db_url(self, settings: Settings) -> str:
-        if self.store_db_url:
-            return self.store_db_url
-        return f"sqlite:///{(settings.state_dir / 'records.sqlite').resolve()}"
+        return self.store_db_url or settings.records_db_url()
 
     def artifacts(self, settings: Settings) -> str:
-        return self.store_artifacts or str((settings.state_dir / "artifacts").resolve())
+        return self.store_artifacts or settings.artifacts_location()
 
     def bucket(self, settings: Settings) -> str:
         return self.influx_bucket or settings.influx_database

@@ -103,14 +103,16 @@ def serve(settings: Settings, storage_settings: StorageSettings, dialogue_settin
 class Pipeline:
     """The worker and the recorder, running in a background thread's event loop."""
 
-    def __init__(self, settings: Settings, storage_settings: StorageSettings, model, worker_group: str):
+    def __init__(self, settings: Settings, storage_settings: StorageSettings, model, worker_group: str,
+                 registry=None):
         self.settings = settings
         self.storage_settings = storage_settings
         # the model arrives with its references: the worker gets an empty state dir of its own, so it does not
         # load (and calibrate again) references other tests registered in the session's state dir
         worker_settings = settings.model_copy(update={"state_dir": Path(tempfile.mkdtemp(prefix="worker-state-"))})
         self.worker = InferenceWorker(worker_settings, model,
-                                      WorkerConfig(max_batch=8, max_wait_ms=30, group_id=worker_group))
+                                      WorkerConfig(max_batch=8, max_wait_ms=30, group_id=worker_group),
+                                      registry=registry)
         self.recorder = Recorder(settings, storage_settings)
         self.store: RecordStore = self.recorder.store
         self.loop = asyncio.new_event_loop()
@@ -161,8 +163,9 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def run_pipeline(settings: Settings, storage_settings: StorageSettings, model) -> Iterator[Pipeline]:
-    pipeline = Pipeline(settings, storage_settings, model, worker_group=f"inference-{settings.topic_prefix}")
+def run_pipeline(settings: Settings, storage_settings: StorageSettings, model, registry=None) -> Iterator[Pipeline]:
+    pipeline = Pipeline(settings, storage_settings, model, worker_group=f"inference-{settings.topic_prefix}",
+                        registry=registry)
     try:
         yield pipeline.start()
     finally:

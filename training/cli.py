@@ -47,3 +47,135 @@ def bench_train_command(
         typer.echo(f"{name} (evaluated on {result['evaluated_on']} images)")
         for n, row in result["labels"].items():
             typer.echo(f"  N={n:>3}  " + "  ".join(f"{key} {row[key]:.1f}" for key in KEYS))
+
+
+# --- lineguard train ---------------------------------------------------------------------------------
+
+def train_command(
+    ctx: typer.Context,
+    product: str = typer.Option(None, "--product", help="only this product"),
+    since: str = typer.Option(None, "--since", help="labels newer than this (ISO time) count as new; "
+                                                     "default: newer than the live version's"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="judge the candidates; register and promote nothing"),
+    nightly: bool = typer.Option(False, "--nightly", help="for schedulers: does nothing, and says so, when "
+                                                          "no product has new labels"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+) -> None:
+    """Build a candidate model version for each product with new labels, judge it with the evaluation gate,
+    register it, and promote it (workers swap it in at a batch boundary) when it passes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import sys
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from lineguard.settings import load_settings
+    from storage.settings import load_storage_settings
+    from training.train import train
+
+    settings, storage_settings = load_settings(), load_storage_settings()
+    cutoff = None
+    if since:
+        try:
+            cutoff = datetime.fromisoformat(since)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--since: {since!r} is not an ISO time such as 2026-12-01T00:00") from exc
+    results = _with_progress(lambda progress: train(settings, storage_settings, product=product, since=cutoff,
+                                                    dry_run=dry_run, progress=progress), sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps({"results": [asdict(r) for r in results]}, default=str))
+        return
+    if not results:
+        typer.echo("nothing to do: no product has labels newer than its live version"
+                   + (" (nightly run)" if nightly else ""))
+        return
+    for result in results:
+        typer.echo(f"{result.product}: {result.decision}" + (f" {result.version}" if result.version else "")
+                   + (f" (report {result.report})" if result.report else ""))
+        for reason in result.reasons:
+            typer.echo(f"  - {reason}")
+
+
+def _with_progress(run, tty: bool):
+    """rich progress on a terminal; structlog lines (from train itself) otherwise."""
+    if not tty:
+        return run(None)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("training", total=None)
+        return run(lambda product, n: bar.update(task, description=f"training {product} on {n} labels"))
+
+
+# --- lineguard models ----------------------------------------------------------------------------------
+
+def models_list_command(product: str = typer.Option(None, "--product", help="only this product"),
+                        as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
+    """Every model version, newest first: status, parent, held-out metrics."""
+    registry = _registry()
+    versions = registry.versions(product)
+    if as_json:
+        typer.echo(json.dumps({"versions": [v.summary() for v in versions]}))
+        return
+    if not versions:
+        typer.echo("no model versions yet: products run on their references (`lineguard train` makes some)")
+    for v in versions:
+        held = v.metrics.get("candidate", {}).get("held_out", {})
+        score = held.get("balanced_accuracy")
+        typer.echo(f"{v.version:<28} {v.status:<9} parent {v.parent or 'references':<24} "
+                   f"created {v.created_at:%Y-%m-%d %H:%M}" + (f"  held-out BA {score:.1f}" if score == score
+                                                               and score is not None else ""))
+
+
+def models_show_command(version: str = typer.Argument(..., help="a version, such as disc.v0003")) -> None:
+    """One version: status, lineage (parent, labels, code) and the gate's metrics, as JSON."""
+    typer.echo(json.dumps(_registry().get(version).summary(), indent=2))
+
+
+def models_promote_command(version: str = typer.Argument(..., help="the version to make live")) -> None:
+    """Make a version live (whatever the gate said) and tell the workers."""
+    registry = _registry()
+    found = registry.promote(version)
+    _release(found.product, found.version)
+    typer.echo(f"{found.product}: {found.version} is live")
+
+
+def models_rollback_command(product: str = typer.Option(..., "--product", help="the product to roll back")) -> None:
+    """Retire the live version and bring back the one before it (or the references alone)."""
+    registry = _registry()
+    back = registry.rollback(product)
+    _release(product, back.version if back else None)
+    typer.echo(f"{product}: {back.version if back else 'the references alone'} is live")
+
+
+def _registry():
+    from inference.registry import ModelRegistry
+    from lineguard.settings import load_settings
+
+    return ModelRegistry.from_settings(load_settings())
+
+
+def _release(product: str, version: str | None) -> None:
+    from lineguard.settings import load_settings
+
+    release(load_settings(), product, version)
+
+
+def release(settings, product: str, version: str | None) -> None:
+    """Publish ModelUpdate(kind="model_released"): every worker installs `version` (None: the references
+    alone) of `product` at its next batch boundary."""
+    import asyncio
+
+    from lineguard.events import ModelUpdate
+    from lineguard.kafka import make_producer, start_client
+    from lineguard.topics import MODEL_UPDATES
+
+    async def send() -> None:
+        producer = await start_client(settings, make_producer(settings))
+        try:
+            update = ModelUpdate(kind="model_released", product=product, model_version=version)
+            await producer.send_and_wait(settings.topic(MODEL_UPDATES), update.to_bytes(), key=product.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
