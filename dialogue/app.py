@@ -114,7 +114,7 @@ def requires(role: Role) -> Callable[..., Principal]:
     """Dependency: the request's principal, which must hold `role`; 401 / 403 / 429 otherwise."""
 
     async def dependency(request: Request, service: Annotated[Service, Depends(get_service)],
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
         principal = service.tokens.verify(credentials.credentials) if credentials else None
         if principal is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",

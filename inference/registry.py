@@ -181,14 +181,22 @@ class ModelRegistry:
         except StorageError as exc:
             raise RegistryError(f"the bundle of {version} cannot be read: {exc}") from exc
 
-    def install(self, model, version: str) -> ModelVersion:
-        """Load `version` into `model` (its product's state), after checking the model can run it."""
+    def checked_state(self, model, version: str, product: str | None = None):
+        """The state of `version`, after checking that `model` can run it (and that it is `product`'s);
+        tagged with its version. Raises RegistryError otherwise."""
         found = self.get(version)
+        if product is not None and found.product != product:
+            raise RegistryError(f"{version} is a version of {found.product}, not {product}")
         if found.model_code != model.version:
             raise RegistryError(f"{version} was built by {found.model_code}; this model is {model.version}")
         state = self.load_state(version, model.device)
         state.version = version
-        model.states[found.product] = state
+        return state
+
+    def install(self, model, version: str) -> ModelVersion:
+        """Load `version` into `model` (its product's state), after checking the model can run it."""
+        found = self.get(version)
+        model.states[found.product] = self.checked_state(model, version)
         return found
 
     # -- writes ----------------------------------------------------------------------------------------

@@ -212,14 +212,7 @@ class InferenceWorker:
         """A released version's state, checked against this model; None (and a log line saying why) when it
         cannot be loaded: the worker keeps what it runs."""
         try:
-            found = self.registry.get(version)
-            if found.product != product:
-                raise ValueError(f"{version} is a version of {found.product}, not {product}")
-            if found.model_code != self.model.version:
-                raise ValueError(f"{version} was built by {found.model_code}; this worker runs {self.model.version}")
-            state = self.registry.load_state(version, getattr(self.model, "device", "cpu"))
-            state.version = version
-            return state
+            return self.registry.checked_state(self.model, version, product)
         except Exception as exc:  # noqa: BLE001 - a bad release must never stop the line
             log.error("model_version_not_loaded", product=product, version=version,
                       error=str(exc).splitlines()[0][:300], keeps=self.version_of(product))
@@ -227,16 +220,14 @@ class InferenceWorker:
 
     def version_of(self, product: str) -> str:
         """What verdicts of `product` carry as model_version: the model, plus the registry version if any."""
-        state = self.model.states.get(product)
-        version = getattr(state, "version", None)
-        return self.model.version if version is None else f"{self.model.version}/{version}"
+        return self._label(self.model.states.get(product))
 
     def upcoming_version(self, product: str) -> str:
         """The version the next batch of `product` runs: a loaded release waiting for the batch boundary, or
         the installed one."""
-        state = self._swaps.get(product)
-        if state is None:
-            return self.version_of(product)
+        return self._label(self._swaps[product]) if product in self._swaps else self.version_of(product)
+
+    def _label(self, state) -> str:
         version = getattr(state, "version", None)
         return self.model.version if version is None else f"{self.model.version}/{version}"
 
@@ -692,24 +683,12 @@ class InferenceWorker:
                 log.error("model_version_not_loaded", product=product, version=None, error="no references",
                           keeps=self.version_of(product))
                 return
-            base = await asyncio.to_thread(self._calibrated, product, images)
-            if base is not None:
-                self._swaps[product] = base
+            self._swaps[product] = await asyncio.to_thread(self.model.state_from_references, product, images)
             return
         state = await asyncio.to_thread(self._load_version, product, version)
         if state is not None:
             self._swaps[product] = state
             log.info("model_release_loaded", product=product, version=version)
-
-    def _calibrated(self, product: str, images: list):
-        """The product's state from its references alone, built beside the live one (which keeps serving)."""
-        live = self.model.states.get(product)
-        try:
-            self.model.set_references(product, images)
-            return self.model.states[product]
-        finally:
-            if live is not None:
-                self.model.states[product] = live
 
     # -- helpers --------------------------------------------------------------------------------
     def _heatmap(self, item: Item) -> Heatmap:

@@ -131,8 +131,10 @@ def test_labels_teach_the_live_workers_a_new_normal_variation_and_poison_is_reje
     assert registry.live(PRODUCT).version == live.version
     assert registry.get(rejected[0].version).status == "rejected"
 
-    # nightly: with no label after `since`, nothing is done (and no model is built)
+    # nightly: with no label after `since`, nothing is done (and no model is built); nor without `since` once
+    # every label went into a registered version, rejected or not
     assert train(settings, storage_settings, since=datetime.now(UTC)) == []
+    assert train(settings, storage_settings) == []
 
 
 def test_bundles_round_trip_and_rollback_walks_back(tmp_path):

@@ -8,6 +8,7 @@ Registered in lineguard/cli.py; torch loads only when it runs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -86,7 +87,7 @@ def train_command(
         typer.echo(json.dumps({"results": [asdict(r) for r in results]}, default=str))
         return
     if not results:
-        typer.echo("nothing to do: no product has labels newer than its live version"
+        typer.echo("nothing to do: no product has labels newer than its last trained version"
                    + (" (nightly run)" if nightly else ""))
         return
     for result in results:
@@ -120,11 +121,10 @@ def models_list_command(product: str = typer.Option(None, "--product", help="onl
     if not versions:
         typer.echo("no model versions yet: products run on their references (`lineguard train` makes some)")
     for v in versions:
-        held = v.metrics.get("candidate", {}).get("held_out", {})
-        score = held.get("balanced_accuracy")
+        score = v.metrics.get("candidate", {}).get("held_out", {}).get("balanced_accuracy", math.nan)
         typer.echo(f"{v.version:<28} {v.status:<9} parent {v.parent or 'references':<24} "
-                   f"created {v.created_at:%Y-%m-%d %H:%M}" + (f"  held-out BA {score:.1f}" if score == score
-                                                               and score is not None else ""))
+                   f"created {v.created_at:%Y-%m-%d %H:%M}" + ("" if math.isnan(score) else
+                                                               f"  held-out BA {score:.1f}"))
 
 
 def models_show_command(version: str = typer.Argument(..., help="a version, such as disc.v0003")) -> None:
@@ -157,25 +157,6 @@ def _registry():
 
 def _release(product: str, version: str | None) -> None:
     from lineguard.settings import load_settings
+    from training.train import release
 
     release(load_settings(), product, version)
-
-
-def release(settings, product: str, version: str | None) -> None:
-    """Publish ModelUpdate(kind="model_released"): every worker installs `version` (None: the references
-    alone) of `product` at its next batch boundary."""
-    import asyncio
-
-    from lineguard.events import ModelUpdate
-    from lineguard.kafka import make_producer, start_client
-    from lineguard.topics import MODEL_UPDATES
-
-    async def send() -> None:
-        producer = await start_client(settings, make_producer(settings))
-        try:
-            update = ModelUpdate(kind="model_released", product=product, model_version=version)
-            await producer.send_and_wait(settings.topic(MODEL_UPDATES), update.to_bytes(), key=product.encode())
-        finally:
-            await producer.stop()
-
-    asyncio.run(send())

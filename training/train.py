@@ -1,6 +1,7 @@
 """`lineguard train`: a candidate model version per product from operators' labels, judged by an evaluation gate.
 
-For each product with labels newer than its live version (or all its labels, when nothing is live yet):
+For each product with labels newer than those its last registered version was built from (or all its labels,
+when it has no version yet):
 
 1. the labels (`storage.labels.training_examples`, the latest label per frame) are split by time: the newest
    `holdout` share (25 %) is never fitted on;
@@ -288,9 +289,11 @@ def training_lock(state_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _new_since(live: ModelVersion | None) -> datetime | None:
-    until = (live.lineage or {}).get("labels_until") if live else None
-    return datetime.fromisoformat(until) if until else None
+def _trained_until(versions: list[ModelVersion]) -> datetime | None:
+    """The newest label any registered version (promoted or rejected) was built from: labels after it are new.
+    A rejected run counts too, so a nightly run does not rebuild the same candidate from the same labels."""
+    seen = [datetime.fromisoformat(v.lineage["labels_until"]) for v in versions if v.lineage.get("labels_until")]
+    return max(seen, default=None)
 
 
 def plan(store: RecordStore, registry: ModelRegistry, *, product: str | None = None,
@@ -302,7 +305,7 @@ def plan(store: RecordStore, registry: ModelRegistry, *, product: str | None = N
         by_product.setdefault(example.product, []).append(example)
     todo = {}
     for name, items in sorted(by_product.items()):
-        cutoff = since or _new_since(registry.live(name))
+        cutoff = since or _trained_until(registry.versions(name))
         if cutoff is None or any(e.labeled_at > cutoff for e in items):
             todo[name] = items
     return todo
@@ -346,17 +349,30 @@ def train(settings: Settings, storage_settings: StorageSettings, *, model=None, 
                     registry.install(model, live.version)
                 results.append(train_product(model, name, examples, store, registry, gate=gate,
                                              learn_config=learn_config, dry_run=dry_run, report_dir=report_dir))
-            promoted = [r for r in results if r.decision == "promoted"]
-            if promoted and publish:
-                _announce(settings, promoted)
+            for result in results:
+                if result.decision == "promoted" and publish:
+                    release(settings, result.product, result.version)
             return results
         finally:
             registry.close()
             store.close()
 
 
-def _announce(settings: Settings, results: list[ProductResult]) -> None:
-    from training.cli import release
+def release(settings: Settings, product: str, version: str | None) -> None:
+    """Publish ModelUpdate(kind="model_released"): every worker installs `version` (None: the references
+    alone) of `product` at its next batch boundary."""
+    import asyncio
 
-    for result in results:
-        release(settings, result.product, result.version)
+    from lineguard.events import ModelUpdate
+    from lineguard.kafka import make_producer, start_client
+    from lineguard.topics import MODEL_UPDATES
+
+    async def send() -> None:
+        producer = await start_client(settings, make_producer(settings))
+        try:
+            update = ModelUpdate(kind="model_released", product=product, model_version=version)
+            await producer.send_and_wait(settings.topic(MODEL_UPDATES), update.to_bytes(), key=product.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())

@@ -140,26 +140,28 @@ class InspectionModel:
         previous = self.states[product].references if product in self.states else []
         return self.set_references(product, previous + list(images))
 
-    @torch.inference_mode()
     def set_references(self, product: str, images: list[np.ndarray]) -> Calibration:
         """Replace a product's references (k >= 0; k = 0 needs a text tower) and calibrate it."""
+        state = self.state_from_references(product, images)
+        self.states[product] = state
+        return state.calibration
+
+    @torch.inference_mode()
+    def state_from_references(self, product: str, images: list[np.ndarray]) -> ProductState:
+        """A calibrated state of `product` from these references, built beside the live one (not installed)."""
         images = list(images)
         prompts = self._prompts(product) if self.encoder.has_text else None
         if not images:
             if not self.decoder.zero_shot:
                 raise ValueError(f"{product}: zero-shot needs an encoder with a text tower; give references")
-            calibration = calibrate(np.array([]), "zero-shot", self.config.verdict)
-            self.states[product] = ProductState(None, calibration, prompts, 0.0, [])
-            return calibration
+            return ProductState(None, calibrate(np.array([]), "zero-shot", self.config.verdict), prompts, 0.0, [])
         pixels = self.encoder.preprocess(images)                         # (k, 3, S, S) uint8
         if prompts is None and self.config.prototype_views > 0:
             prompts = self._fit_prototypes(pixels, product)
         memory, semantic_offset = self._memory(pixels, prompts)
         state = ProductState(memory, Calibration(1.0, 0.5, "pending"), prompts, semantic_offset, images)
-        calibration = self._calibrate(state, pixels, product)
-        state.calibration = calibration
-        self.states[product] = state
-        return calibration
+        state.calibration = self._calibrate(state, pixels, product)
+        return state
 
     @torch.inference_mode()
     def widened(self, product: str, normals: list[np.ndarray], calibration: Calibration | None = None) -> ProductState:
