@@ -58,16 +58,25 @@ def machine() -> str:
 
 # --- the stream benchmark -----------------------------------------------------------------------------
 
-def _frames(n: int, seed: int = 0) -> list[tuple[FrameMeta, bytes, np.ndarray]]:
+def _frames(n: int, seed: int = 0, frame_size: tuple[int, int] | None = None,
+            unique: int = 16) -> list[tuple[FrameMeta, bytes, np.ndarray]]:
+    """n simulated parts as (meta, JPEG, decoded image). With frame_size = (W, H), each part is rendered at
+    256 px and resized to W x H, and `unique` of them are cycled (a 20 MP image is 60 MB decoded)."""
     simulator = LineSimulator(defect_rate=0.2, seed=seed)
-    frames = []
+    frames, pool = [], []
     for i in range(n):
-        part = simulator.part(i)
-        jpeg, width, height = encode_jpeg(part.image, 90)
+        if frame_size is None or len(pool) < unique:
+            part = simulator.part(i)
+            image = part.image if frame_size is None else cv2.resize(part.image, frame_size,
+                                                                       interpolation=cv2.INTER_LINEAR)
+            jpeg, width, height = encode_jpeg(image, 90)
+            mm_per_px = simulator.mm_per_px * part.image.shape[1] / width
+            pool.append((part.product, jpeg, width, height, mm_per_px, image))
+        product, jpeg, width, height, mm_per_px, image = pool[i % len(pool)] if frame_size else pool[-1]
         camera = f"cam-{i % 4}"
-        meta = FrameMeta(frame_id=f"bench.{seed}.{i:06d}", line_id="bench", camera_id=camera, product=part.product,
-                         seq=i // 4, width=width, height=height, source="simulator", mm_per_px=simulator.mm_per_px)
-        frames.append((meta, jpeg, part.image))
+        meta = FrameMeta(frame_id=f"bench.{seed}.{i:06d}", line_id="bench", camera_id=camera, product=product,
+                         seq=i // 4, width=width, height=height, source="simulator", mm_per_px=mm_per_px)
+        frames.append((meta, jpeg, image))
     return frames
 
 
@@ -99,22 +108,25 @@ def model_raw_fps(model, frames, batch: int) -> float:
     return len(inputs) / (time.perf_counter() - started)
 
 
-async def pipeline_fps(settings: Settings, model, frames, max_batch: int) -> tuple[float, float]:
+async def pipeline_fps(settings: Settings, model, frames, max_batch: int, **config) -> tuple[float, float]:
     """The real worker draining a backlog: time from joining the group to the last frame's acknowledged outputs.
-    Returns (frames/s, mean frames per model call)."""
+    Returns (frames/s, mean frames per model call). `config`: more WorkerConfig fields."""
     await _produce(settings, frames)
-    worker = InferenceWorker(settings, model, WorkerConfig(max_batch=max_batch, max_wait_ms=20, explain=False))
+    worker = InferenceWorker(settings, model, WorkerConfig(max_batch=max_batch, max_wait_ms=20, explain=False,
+                                                           **config))
     task = asyncio.create_task(worker.run())
     while not worker.ready:  # joined the group: the backlog is there to fetch
         _check_running(task)
         await asyncio.sleep(0.005)
     started = time.perf_counter()
-    while worker.metrics.frames_total() < len(frames):
+    while worker.metrics.frames_total() + worker.metrics.dead_letters_total() < len(frames):
         _check_running(task)
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - started
     worker.stop()
     await task
+    if worker.metrics.dead_letters_total():
+        raise RuntimeError(f"{int(worker.metrics.dead_letters_total())} benchmark frames were dead-lettered")
     return len(frames) / elapsed, worker.metrics.mean_model_batch()
 
 
@@ -191,17 +203,31 @@ async def latency_at_load(settings: Settings, model, frames, rate: float, max_ba
             "offered_fps": round(rate, 2)}
 
 
-def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None = None,
-                     device: str = "auto", naive_frames: int | None = None) -> dict:
+def _bench_model(encoder: str | None, device: str, max_batch: int, tiles: str | None = None,
+                 shots: int = REFERENCE_SHOTS):
     from inference.scorer import build_scorer
 
     model = build_scorer(encoder=encoder, device=device, text=False, batch_size=max_batch)
+    _set_bench_references(model, tiles, shots)
+    return model
+
+
+def _set_bench_references(model, tiles: str | None, shots: int = REFERENCE_SHOTS) -> None:
+    from inference.model.tiles import NO_TILES, Tiling
+
     simulator = LineSimulator(seed=123)
+    tiling = Tiling.parse(tiles) if tiles else NO_TILES
     for product in PRODUCTS:
         model.set_references(product, [as_published(image, 90)
-                                       for image in simulator.normal_references(product, REFERENCE_SHOTS)])
-    batch_frames = _frames(frames, seed=1)
-    naive_frames = _frames(naive_frames or max(16, frames // 4), seed=2)
+                                       for image in simulator.normal_references(product, shots)], tiling=tiling)
+
+
+def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None = None,
+                     device: str = "auto", naive_frames: int | None = None,
+                     frame_size: tuple[int, int] | None = None, tiles: str | None = None) -> dict:
+    model = _bench_model(encoder, device, max_batch, tiles)
+    batch_frames = _frames(frames, seed=1, frame_size=frame_size)
+    naive_frames = _frames(naive_frames or max(16, frames // 4), seed=2, frame_size=frame_size)
     with tempfile.TemporaryDirectory() as state_dir:
         base = load_settings(state_dir=Path(state_dir), embedded_kafka_port=0, embedded_influx_port=0)
         with EmbeddedStack(base, with_influx=False) as stack:
@@ -218,13 +244,14 @@ def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None
             fps_naive = asyncio.run(naive_fps(phase("naive"), model, naive_frames))
             fps_single.append(model_raw_fps(model, naive_frames, 1))
             fps_raw.append(model_raw_fps(model, batch_frames, max_batch))
-            latency_frames = _frames(max(32, min(frames, int(fps_pipeline * 20))), seed=3)
+            latency_frames = _frames(max(32, min(frames, int(fps_pipeline * 20))), seed=3, frame_size=frame_size)
             latency = asyncio.run(latency_at_load(phase("latency"), model, latency_frames, fps_pipeline / 2,
                                                   max_batch))
     raw, single = float(np.mean(fps_raw)), float(np.mean(fps_single))
     return {
         "frames": frames, "naive_frames": len(naive_frames), "max_batch": max_batch,
         "encoder": encoder or "efficientnet-lite0",
+        "frame_size": "256x256" if frame_size is None else f"{frame_size[0]}x{frame_size[1]}", "tiles": tiles or "1x1",
         "device": str(model.device), "fps_model_raw": round(raw, 2),
         "fps_model_single": round(single, 2), "model_batching_gain": round(raw / single, 2),
         "fps_model_raw_runs": [round(f, 2) for f in fps_raw],
@@ -233,6 +260,85 @@ def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None
         "fps_naive": round(fps_naive, 2), "pipeline_vs_raw": round(fps_pipeline / raw, 3),
         "pipeline_vs_naive": round(fps_pipeline / fps_naive, 2) if fps_naive else None, **latency,
     }
+
+
+# --- camera resolutions ----------------------------------------------------------------------------------
+
+RESOLUTIONS = ((512, 512), (2448, 2048), (5472, 3648))
+RESOLUTION_TILES = "2x2"
+
+
+def resolution_benchmark(frames: int = 64, max_batch: int = 16, encoder: str | None = None, device: str = "auto",
+                         sizes=RESOLUTIONS, tiles: str = RESOLUTION_TILES, echo=print) -> dict:
+    """The worker draining a backlog of frames at each camera resolution: frames/s and ms per frame, whole
+    frames and in tiles, and, as the baseline, whole frames decoded at full size (the policy before)."""
+    model = _bench_model(encoder, device, max_batch, shots=4)
+    runs = []
+    with tempfile.TemporaryDirectory() as state_dir:
+        base = load_settings(state_dir=Path(state_dir), embedded_kafka_port=0, embedded_influx_port=0)
+        with EmbeddedStack(base, with_influx=False) as stack:
+            for mode, tiling, reduced in (("full decode (before)", None, False), ("model resolution", None, True),
+                                          (f"tiles {tiles}", tiles, True)):
+                if tiling is not None:
+                    _set_bench_references(model, tiling, shots=4)
+                for width, height in sizes:
+                    batch = _frames(frames, seed=7, frame_size=(width, height))
+                    name = f"res-{len(runs)}"
+                    settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
+                                                       "topic_prefix": f"bench-{name}."})
+                    asyncio.run(ensure_topics(settings))
+                    fps, _ = asyncio.run(pipeline_fps(settings, model, batch, max_batch, reduced_decode=reduced))
+                    run = {"mode": mode, "frame_size": f"{width}x{height}",
+                           "megapixels": round(width * height / 1e6, 1),
+                           "jpeg_kb": round(np.mean([len(jpeg) for _, jpeg, _ in batch[:16]]) / 1024),
+                           "fps": round(fps, 2), "ms_per_frame": round(1000 / fps, 1), "frames": frames}
+                    echo(json.dumps(run))
+                    runs.append(run)
+    for run in runs:
+        first = next(r for r in runs if r["mode"] == run["mode"])
+        run["vs_512"] = round(run["ms_per_frame"] / first["ms_per_frame"], 2)
+    return {"encoder": encoder or "efficientnet-lite0", "device": str(model.device), "max_batch": max_batch,
+            "runs": runs}
+
+
+def resolution_section(result: dict | None = None, frames: int = 64, echo=print) -> str:
+    started = time.perf_counter()
+    result = result or resolution_benchmark(frames=frames, echo=echo)
+    minutes = (time.perf_counter() - started) / 60
+    runs = result["runs"]
+    lines = [
+        "## Camera resolutions (`lineguard bench resolution`)",
+        "",
+        f"Command: `lineguard bench resolution --frames {frames}` (one run: `lineguard bench stream --frame-size "
+        "WxH [--tiles 2x2]`)  ",
+        f"Machine: {machine()}. Encoder {result['encoder']} on {result['device']}, max batch {result['max_batch']}, "
+        f"{frames} frames per row: simulated parts rendered at 256 px, resized to the frame size and JPEG-encoded "
+        "(quality 90), drained from a backlog on the embedded broker by the real worker. Whole section: "
+        f"{minutes:.1f} min.",
+        "",
+        "| mode | frame | JPEG | frames/s | ms per frame | × the 512 px cost (same mode) | "
+        "× the full-decode cost (same size) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        before = next(r for r in runs if r["mode"].startswith("full decode") and r["frame_size"] == run["frame_size"])
+        lines.append(f"| {run['mode']} | {run['frame_size']} ({run['megapixels']} MP) | {run['jpeg_kb']} kB | "
+                     f"{run['fps']} | {run['ms_per_frame']} | {run['vs_512']} | "
+                     f"{run['ms_per_frame'] / before['ms_per_frame']:.2f} |")
+    model_runs = {r["frame_size"]: r for r in runs if r["mode"] == "model resolution"}
+    targets = [("5 MP", "2448x2048", 1.2), ("20 MP", "5472x3648", 1.5)]
+    lines += ["", "| target (model resolution) | measured | met |", "|---|---|---|"]
+    for label, size, limit in targets:
+        if size in model_runs:
+            value = model_runs[size]["vs_512"]
+            lines.append(f"| cost at {label} ≤ {limit} × the cost at 512 px | {value} × | "
+                         f"{'yes' if value <= limit else 'no'} |")
+    lines += ["", "Every row drained all its frames with a verdict each (a dead-lettered frame fails the run): "
+              "lost frames 0. \"Full decode\" is the policy before this "
+              "section existed (the whole JPEG decoded, then shrunk to the encoder's input); \"model resolution\" "
+              "decodes at libjpeg's largest DCT scale-down (1/2, 1/4, 1/8) that keeps the encoder's input, and "
+              "computes the map, the regions and positions at model resolution."]
+    return "\n".join(lines)
 
 
 # --- the GPU section -----------------------------------------------------------------------------------
@@ -326,6 +432,13 @@ def gpu_section(device: str = "cuda", encoder: str = GPU_ENCODER, frames: int = 
                                          f"--encoder {encoder} --device {device} --json",
                                  title=f"### Streaming pipeline, {encoder}")]
     return "\n".join(lines)
+
+
+def write_section(output: Path, name: str, echo=print, **kwargs) -> None:
+    """Run one of this module's sections (`<name>_section`) and write it into `output`."""
+    text = output.read_text() if output.exists() else "# Benchmarks\n"
+    output.write_text(_replace_section(text, name, globals()[f"{name}_section"](echo=echo, **kwargs)))
+    echo(f"wrote the {name} section of {output}")
 
 
 def write_gpu_section(output: Path, echo=print, **kwargs) -> None:
@@ -448,7 +561,8 @@ def write_benchmarks(output: Path, quick: bool = False, echo=print) -> None:
         output.write_text(text)
     else:
         echo("no CUDA device: the gpu section (`lineguard bench gpu`) is left as it is")
-    sections = [("model", "inference.bench", "markdown_section"),
+    sections = [("resolution", "deploy.bench", "resolution_section"),
+                ("model", "inference.bench", "markdown_section"),
                 ("thresholds", "inference.bench", "threshold_section"),
                 ("storage", "storage.bench", "markdown_section"),
                 ("memory", "deploy.memory_bench", "markdown_section"),

@@ -331,7 +331,7 @@ class LvlmAnswerer:
             return
         images = self.references.load(product)
         if images:
-            self.model.set_references(product, images)
+            self.model.set_references(product, images, tiling=self.references.tiling(product))
 
     def _first_reply(self, product: str) -> None:
         from inference.model.api import Frame
@@ -350,7 +350,7 @@ class LvlmAnswerer:
             images = self.references.load(record.product)
             if not images:
                 raise LookupError(f"product {record.product!r} has no references in the state dir")
-            self.model.set_references(record.product, images)
+            self.model.set_references(record.product, images, tiling=self.references.tiling(record.product))
         image = cv2.imdecode(np.frombuffer(self.artifacts.get(record.image_uri), np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise LookupError(f"the stored image of {record.frame_id} cannot be decoded")

@@ -122,7 +122,8 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
             "threshold": calibration.threshold,
             "calibration": calibration.method,
             "image_auroc": metrics.image_auroc(labels, scores),
-            "pixel_auroc": metrics.pixel_auroc(masks, [s.anomaly_map for s in scored]),
+            "pixel_auroc": metrics.pixel_auroc(masks, [at_mask_size(s.anomaly_map, m) for s, m in zip(scored, masks,
+                                                                                                   strict=True)]),
             "accuracy": metrics.accuracy(labels, [s.verdict.is_anomalous for s in scored]),
             **decided,
             "best_balanced_accuracy": best,
@@ -149,6 +150,13 @@ def evaluate(root: Path, shots: int | str = 1, seeds: int = 1, encoder: str = "e
     result["runs"] = [{key: (round(v, 4) if isinstance(v, float) else v) for key, v in r.items()}
                       for r in runs]
     return result
+
+
+def at_mask_size(anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The model-resolution map, bilinearly upsampled to its ground-truth mask's pixels."""
+    if anomaly_map.shape == mask.shape:
+        return anomaly_map
+    return cv2.resize(anomaly_map, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def build_model(encoder: str = "efficientnet-lite0", image_size: int | None = None, device: str = "auto",

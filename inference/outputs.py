@@ -24,23 +24,33 @@ def map_to_u8(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     return np.clip(anomaly_map.astype(np.float32) * scale, 0, 255).astype(np.uint8)
 
 
-def heatmap_png(anomaly_map: np.ndarray, threshold: float, max_side: int = HEATMAP_MAX_SIDE) -> bytes:
-    """Single-channel 8-bit PNG of the map, longer side at most max_side."""
-    # shrink first: the map is at frame resolution, the PNG at most max_side
-    ok, png = cv2.imencode(".png", map_to_u8(_fit(anomaly_map.astype(np.float32), max_side), threshold))
+def heatmap_png(anomaly_map: np.ndarray, threshold: float, max_side: int = HEATMAP_MAX_SIDE,
+                frame_size: tuple[int, int] | None = None) -> bytes:
+    """Single-channel 8-bit PNG of the map, in the shape of a frame_size = (W, H) frame (default: the map's)
+    shrunk to a longer side of at most max_side."""
+    width, height = frame_size or (anomaly_map.shape[1], anomaly_map.shape[0])
+    scale = min(1.0, max_side / max(width, height))
+    out = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = anomaly_map.astype(np.float32, copy=False)
+    if (resized.shape[1], resized.shape[0]) != out:
+        shrink = out[0] < resized.shape[1] and out[1] < resized.shape[0]
+        resized = cv2.resize(resized, out, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    ok, png = cv2.imencode(".png", map_to_u8(resized, threshold))
     if not ok:
         raise ValueError("PNG encoding failed")
     return png.tobytes()
 
 
 def overlay_jpeg(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, boxes: list[tuple[int, int, int, int]],
-                 quality: int = 85, max_side: int = OVERLAY_MAX_SIDE) -> bytes:
+                 quality: int = 85, max_side: int = OVERLAY_MAX_SIDE,
+                 frame_size: tuple[int, int] | None = None) -> bytes:
     """The frame with the map blended in (colour where above half the threshold) and region boxes drawn,
-    longer side at most max_side. Boxes are in frame pixels.
+    longer side at most max_side. Boxes are in the pixels of a frame_size = (W, H) frame (default: the
+    image's size; the image may be a reduced decode of it).
 
     The frame is shrunk first, so a 20 MP frame costs a 512 px overlay's memory, not 40 bytes a frame pixel."""
-    height, width = image.shape[:2]
     small = _fit(image, max_side)
+    width, height = frame_size or (image.shape[1], image.shape[0])
     out_height, out_width = small.shape[:2]
     scale_x, scale_y = out_width / width, out_height / height
     heat = map_to_u8(cv2.resize(anomaly_map.astype(np.float32), (out_width, out_height),

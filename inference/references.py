@@ -2,6 +2,7 @@
 
     <state_dir>/references/<product>/<sha256[:16]>.png    the images, lossless
     <state_dir>/references/<product>/manifest.json        [{file, source, width, height, added_at}]
+    <state_dir>/references/<product>/config.json          {"tiles": "3x3", "overlap": 0.125} (optional)
 
 Workers load every product at start and reload one product when a `references_changed`
 ModelUpdate names it. Writes are atomic (temp file + rename), so a worker never reads half a file.
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .model.tiles import NO_TILES, Tiling
 
 PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -109,7 +112,25 @@ class ReferenceStore:
         for entry in entries:
             (folder / entry.file).unlink(missing_ok=True)
         (folder / "manifest.json").unlink(missing_ok=True)
+        (folder / "config.json").unlink(missing_ok=True)
         return len(entries)
+
+    def tiling(self, product: str) -> Tiling:
+        """How the product's frames are inspected: whole (1x1, the default) or in tiles (tiles.py)."""
+        path = self._dir(product) / "config.json"
+        if not path.exists():
+            return NO_TILES
+        try:
+            config = json.loads(path.read_text())
+            return Tiling.parse(config.get("tiles", "1x1"), float(config.get("overlap", NO_TILES.overlap)))
+        except (ValueError, AttributeError) as exc:
+            raise ReferenceError(f"{path}: {exc}") from None
+
+    def set_tiling(self, product: str, tiling: Tiling) -> None:
+        folder = self._dir(product)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "config.json",
+                      json.dumps({"tiles": str(tiling), "overlap": tiling.overlap}, indent=2).encode())
 
     def load(self, product: str) -> list[np.ndarray]:
         """The product's reference images (BGR), in the order they were added."""

@@ -112,6 +112,7 @@ def state_bytes(state) -> bytes:
         "semantic_offset": float(state.semantic_offset),
         "references": [torch.from_numpy(cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))[1].copy())
                        for image in state.references],
+        "tiling": [state.tiling.cols, state.tiling.rows, float(state.tiling.overlap)],
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -121,6 +122,7 @@ def state_bytes(state) -> bytes:
 def state_from_bytes(data: bytes, device: torch.device | str = "cpu"):
     """Inverse of `state_bytes`; tensors land on `device`."""
     from .model.api import ProductState
+    from .model.tiles import Tiling
 
     payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     if payload.get("format") != BUNDLE_FORMAT:
@@ -128,8 +130,9 @@ def state_from_bytes(data: bytes, device: torch.device | str = "cpu"):
     memory = payload["memory"]
     memory = None if memory is None else ReferenceMemory(memory["banks"], memory["n_references"], memory["n_views"])
     references = [cv2.imdecode(t.numpy(), cv2.IMREAD_COLOR)[..., ::-1].copy() for t in payload["references"]]
+    cols, rows, overlap = payload.get("tiling", (1, 1, 0.125))      # bundles before tiles: whole frames
     return ProductState(memory, Calibration(**payload["calibration"]), payload["prompts"],
-                        payload["semantic_offset"], references)
+                        payload["semantic_offset"], references, tiling=Tiling(int(cols), int(rows), float(overlap)))
 
 
 # --- the registry ----------------------------------------------------------------------------------

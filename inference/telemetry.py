@@ -35,6 +35,10 @@ class WorkerMetrics:
         count = samples.get("lineguard_model_batch_size_count", 0.0)
         return samples.get("lineguard_model_batch_size_sum", 0.0) / count if count else 0.0
 
+    def dead_letters_total(self) -> float:
+        return sum(sample.value for metric in self.dead_letters.collect() for sample in metric.samples
+                   if sample.name.endswith("_total"))
+
     def frames_total(self) -> float:
         return sum(sample.value for metric in self.frames.collect() for sample in metric.samples
                    if sample.name.endswith("_total"))

@@ -87,9 +87,10 @@ class ModelBroken(RuntimeError):
 
 @dataclass
 class FrameInput:
-    image: np.ndarray          # (H, W, 3) uint8 BGR
+    image: np.ndarray          # (h, w, 3) uint8 BGR, possibly decoded at a reduced scale
     product: str
     mm_per_px: float | None = None
+    size: tuple[int, int] | None = None   # (W, H) of the camera's frame: the pixels regions are given in
 
 
 @dataclass
@@ -100,14 +101,15 @@ class Scored:
     confidence: float
     regions: list[Region]
     positions: list[str]
-    anomaly_map: np.ndarray    # (H, W) float32 at frame resolution
+    anomaly_map: np.ndarray    # (h, w) float32 at model resolution
 
 
 class Scorer(Protocol):
     version: str
 
     def products(self) -> set[str]: ...
-    def set_references(self, product: str, images: list[np.ndarray]) -> None: ...
+    def set_references(self, product: str, images: list[np.ndarray], tiling=None) -> None: ...
+    def needed_pixels(self, product: str) -> tuple[int, int]: ...
     def score(self, frames: list[FrameInput]) -> list[Scored]: ...
     def explain(self, items: list[tuple[FrameInput, Scored]]) -> list[str]: ...
 
@@ -123,6 +125,7 @@ class Item:
     scored: Scored | None = None
     latency: dict[str, float] = field(default_factory=dict)
     size: tuple[int, int] = (0, 0)         # (width, height) from the JPEG header
+    needed: tuple[int, int] | None = None  # (width, height) the model needs: the decode may shrink to it
     reserved: int = 0                      # bytes of the worker's memory budget this frame holds
     model_version: str = ""                # the model and product version that scored it (set at submission)
 
@@ -147,6 +150,7 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     http_port: int | None = None      # /healthz and /metrics; None = off
     explain: bool = True              # attach LVLM answers to flagged verdicts
+    reduced_decode: bool = True       # decode JPEGs at the DCT scale the model needs (1/2, 1/4, 1/8)
 
 
 class InferenceWorker:
@@ -186,7 +190,7 @@ class InferenceWorker:
         for product in products or self.references.products():
             images = self.references.load(product)
             if images:
-                self.model.set_references(product, images)
+                self.model.set_references(product, images, tiling=self.references.tiling(product))
                 self._canaries[product] = images[0]
                 loaded.append(product)
         log.info("references_loaded", products=loaded)
@@ -395,12 +399,14 @@ class InferenceWorker:
                                        f"product {meta.product!r} has no references (lineguard refs add)")
         item.size = frames.frame_size(jpeg)
         frames.check_size(meta, item.size, self.settings.max_frame_pixels)
-        return frame_cost_bytes(item.size[0] * item.size[1])
+        item.needed = self.model.needed_pixels(meta.product) if self.config.reduced_decode else None
+        factor = frames.reduction(item.size, item.needed)       # what the decode will hold: 1/factor² of it
+        return frame_cost_bytes(-(-item.size[0] // factor) * -(-item.size[1] // factor))
 
     def _decode(self, item: Item) -> None:
         """In the decode pool: fill item.frame; raises FrameRejected."""
-        image = frames.decode(item.record.value, item.meta, item.size)
-        item.frame = FrameInput(image, item.meta.product, item.meta.mm_per_px)
+        image = frames.decode(item.record.value, item.meta, item.size, item.needed)
+        item.frame = FrameInput(image, item.meta.product, item.meta.mm_per_px, item.size)
 
     async def _score_stage(self, score_q: asyncio.Queue, publish_q: asyncio.Queue) -> None:
         """Score decoded frames, `model_threads` batches in flight, and pass them on in fetch order.
@@ -696,10 +702,11 @@ class InferenceWorker:
         overlay = None
         if scored.is_anomalous:
             boxes = [(r.x, r.y, r.w, r.h) for r in scored.regions]
-            overlay = overlay_jpeg(item.frame.image, scored.anomaly_map, scored.threshold, boxes)
+            overlay = overlay_jpeg(item.frame.image, scored.anomaly_map, scored.threshold, boxes, frame_size=item.size)
         return Heatmap(frame_id=item.meta.frame_id, camera_id=item.meta.camera_id, product=item.meta.product,
                        width=item.meta.width, height=item.meta.height,
-                       map_png=heatmap_png(scored.anomaly_map, scored.threshold), overlay_jpeg=overlay)
+                       map_png=heatmap_png(scored.anomaly_map, scored.threshold, frame_size=item.size),
+                       overlay_jpeg=overlay)
 
     def _verdict(self, item: Item, publish_started: float, answer: str | None = None) -> Verdict:
         meta, scored = item.meta, item.scored

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import signal
 import sys
 import time
@@ -238,11 +239,24 @@ def infer(
     asyncio.run(main())
 
 
+def _tiling(text: str):
+    """--tiles COLSxROWS -> Tiling, or a usage error naming the option."""
+    from inference.model.tiles import Tiling
+
+    try:
+        return Tiling.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tiles") from None
+
+
 @refs_app.command("add")
 @cli_command
 def refs_add(
     images: list[Path] = typer.Argument(..., help="Normal (good) images of the product."),
     product: str = typer.Option(..., help="Product name, as in FrameMeta.product."),
+    tiles: str | None = typer.Option(None, help="Inspect this product in COLSxROWS overlapping tiles at model "
+                                                "resolution, for defects small next to the frame (1x1: whole "
+                                                "frames). Default: keep the product's setting."),
 ) -> None:
     """Register normal reference images for a product; running workers reload it."""
     from inference.references import ReferenceStore
@@ -252,9 +266,14 @@ def refs_add(
 
     settings = _settings()
     store = ReferenceStore(settings.state_dir)
+    tiling = None if tiles is None else _tiling(tiles)
     added = store.add(product, list(images))
+    if tiling is not None:
+        store.set_tiling(product, tiling)
     total = len(store.manifest(product))
-    typer.echo(f"{product}: added {len(added)} reference image(s), {total} in all ({store.root / product})")
+    typer.echo(f"{product}: added {len(added)} reference image(s), {total} in all, inspected "
+               f"{'in ' + str(store.tiling(product)) + ' tiles' if store.tiling(product).active else 'whole'} "
+               f"({store.root / product})")
 
     async def notify() -> None:
         producer = await start_client(settings, make_producer(settings), timeout_s=10)
@@ -282,7 +301,7 @@ def refs_list() -> None:
         typer.echo("no references: add some with `lineguard refs add --product NAME IMAGES...`")
     for product in products:
         entries = store.manifest(product)
-        typer.echo(f"{product}\t{len(entries)} image(s)")
+        typer.echo(f"{product}\t{len(entries)} image(s)\ttiles {store.tiling(product)}")
         for entry in entries:
             typer.echo(f"  {entry.file}\t{entry.width}x{entry.height}\t{entry.added_at}\t{entry.source}")
 
@@ -294,18 +313,44 @@ def bench_stream(
     max_batch: int = typer.Option(16, min=1, help="Worker batch size."),
     encoder: str = typer.Option(None, help="Image encoder (default efficientnet-lite0)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda."),
+    frame_size: str = typer.Option(None, help="WxH: the simulator's parts resized to this camera resolution "
+                                              "(default: 256 px parts as rendered)."),
+    tiles: str = typer.Option(None, help="Inspect the products in COLSxROWS tiles, such as 2x2."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Batched pipeline vs a naive one-frame loop vs the raw model, on a fresh embedded broker."""
     from deploy.bench import stream_benchmark
 
     _settings()
-    result = stream_benchmark(frames=frames, max_batch=max_batch, encoder=encoder, device=device)
+    size = None
+    if frame_size is not None:
+        match = re.fullmatch(r"\s*(\d{2,5})\s*[xX]\s*(\d{2,5})\s*", frame_size)
+        if not match:
+            raise typer.BadParameter(f"expected WxH, such as 2448x2048, got {frame_size!r}",
+                                     param_hint="--frame-size")
+        size = (int(match.group(1)), int(match.group(2)))
+    if tiles is not None:
+        _tiling(tiles)
+    result = stream_benchmark(frames=frames, max_batch=max_batch, encoder=encoder, device=device,
+                              frame_size=size, tiles=tiles)
     if as_json:
         typer.echo(json.dumps(result))
     else:
         for key, value in result.items():
             typer.echo(f"{key}: {value}")
+
+
+@bench_app.command("resolution")
+@cli_command
+def bench_resolution(
+    frames: int = typer.Option(64, min=16, help="Frames per resolution and mode."),
+    output: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file whose resolution section to write."),
+) -> None:
+    """Frames/s at 512 px, 5 MP and 20 MP, whole and in tiles, against full decoding: BENCHMARKS.md."""
+    from deploy.bench import write_section
+
+    _settings()
+    write_section(output, "resolution", echo=lambda text: typer.echo(text, err=True), frames=frames)
 
 
 @bench_app.command("memory")

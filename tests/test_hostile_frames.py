@@ -118,7 +118,7 @@ class _Poisoned:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def set_references(self, product, images):  # the inner model already holds these products
+    def set_references(self, product, images, tiling=None):  # the inner model already holds these products
         pass
 
     def score(self, frames):

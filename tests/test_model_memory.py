@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from inference import metrics
+from inference.eval import at_mask_size
 from inference.model.api import Frame, InspectionModel, ModelConfig, ScoredFrame
 from inference.model.encoders import EncoderConfig
 from inference.model.verdict import VerdictConfig
@@ -55,7 +56,7 @@ def test_memory_bank_finds_synthetic_defects(parts, scored):
         by_product.setdefault(frame.product, []).append((part, result))
     for product, pairs in by_product.items():
         masks = [part.mask for part, _ in pairs]
-        maps = [result.anomaly_map for _, result in pairs]
+        maps = [at_mask_size(result.anomaly_map, part.mask) for part, result in pairs]
         pixel = metrics.pixel_auroc(masks, maps)
         assert pixel > 90.0, f"{product}: pixel AUROC {pixel:.1f}"
         labels = np.array([part.defect_type is not None for part, _ in pairs])
@@ -67,6 +68,7 @@ def test_memory_bank_finds_synthetic_defects(parts, scored):
             if part.defect_type is None or not result.verdict.is_anomalous:
                 continue
             y, x = np.unravel_index(np.argmax(result.anomaly_map), result.anomaly_map.shape)
+            y, x = y * SIZE // result.anomaly_map.shape[0], x * SIZE // result.anomaly_map.shape[1]  # frame px
             near = cv2.dilate(part.mask, np.ones((25, 25), np.uint8))
             hits.append(bool(near[y, x]))
         assert hits and np.mean(hits) >= 0.75, f"{product}: peak on defect in {np.mean(hits):.0%}"
@@ -78,7 +80,7 @@ def test_results_match_frames_and_map_events(scored):
     for frame, result in zip(frames, results, strict=True):
         assert isinstance(result, ScoredFrame) and result.product == frame.product
         verdict, anomaly_map = result                       # unpacks as (verdict, map)
-        assert anomaly_map.shape == frame.image.shape[:2] and anomaly_map.dtype == np.float32
+        assert anomaly_map.shape == (224, 224) and anomaly_map.dtype == np.float32   # model resolution
         assert verdict.score == pytest.approx(float(anomaly_map.max()))
         assert verdict.is_anomalous == (verdict.score > verdict.threshold) == bool(verdict.regions)
         assert 0.5 <= verdict.confidence <= 1.0
@@ -86,7 +88,8 @@ def test_results_match_frames_and_map_events(scored):
         for region in verdict.regions:
             assert region.peak_score > verdict.threshold
             assert region.area_mm2 == pytest.approx(region.area_px * 0.25**2, rel=1e-3)
-            assert 0 <= region.x < region.x + region.w <= frame.image.shape[1]
+            assert 0 <= region.x < region.x + region.w <= frame.image.shape[1]               # frame pixels
+            assert 0 <= region.y < region.y + region.h <= frame.image.shape[0]
         # the verdict's fields are the event contract's
         Verdict(frame_id="f", line_id="l", camera_id="c", product=frame.product, captured_at="2026-01-01T00:00:00Z",
                 model_version="test", **verdict.event_fields())
@@ -103,7 +106,12 @@ def test_any_size_grey_or_colour_and_mixed_products(model, sim):
     ]
     results = model.score(frames)
     assert [r.product for r in results] == ["disc", "tile", "disc", "tile"]
-    assert [r.anomaly_map.shape for r in results] == [(SIZE, SIZE), (SIZE, SIZE), (170, 300), (131, 97)]
+    assert [r.anomaly_map.shape for r in results] == [(224, 224)] * 4                   # model resolution
+    flagged = [(r, f) for r, f in zip(results, frames, strict=True) if r.verdict.regions]
+    assert flagged, "the scratched disc is flagged"
+    for result, frame in flagged:                                                       # regions: frame pixels
+        height, width = (frame[1] if isinstance(frame, tuple) else frame.image).shape[:2]
+        assert all(r.x + r.w <= width and r.y + r.h <= height for r in result.verdict.regions)
     assert all(r.embedding.shape == (model.encoder.embed_dim,) for r in results)
     with pytest.raises(KeyError):
         model.score([Frame(disc, "unknown-product")])

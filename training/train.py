@@ -343,7 +343,7 @@ def train(settings: Settings, storage_settings: StorageSettings, *, model=None, 
                     results.append(ProductResult(name, "skipped: the product has no references"))
                     continue
                 if images:
-                    model.set_references(name, images)
+                    model.set_references(name, images, tiling=references.tiling(name))
                 live = registry.live(name)
                 if live is not None:
                     registry.install(model, live.version)

@@ -8,8 +8,9 @@ Example:
     >>> model = InspectionModel()                                   # efficientnet-lite0, CPU or CUDA
     >>> model.add_references("bottle", [good_bgr])                  # 1-shot; threshold is derived here
     >>> [(verdict, anomaly_map)] = model.score([Frame(image_bgr, "bottle")])
-    >>> verdict.is_anomalous, verdict.positions, anomaly_map.shape
-    (True, ['top left'], (512, 512))
+    >>> verdict.is_anomalous, verdict.positions, anomaly_map.shape        # the map at model resolution;
+    (True, ['top left'], (320, 320))                                     # regions in frame pixels
+    >>> model.set_references("wafer", goods, tiling=Tiling.parse("3x3"))  # small defects: inspect in tiles
     >>> model.answer([model.score([Frame(image_bgr, "bottle")])[0]])
     ['Yes, there is an anomaly in the image, at the top left of the image.']
 """
@@ -28,6 +29,7 @@ from .decoder import AnomalyDecoder, DecoderConfig, ReferenceMemory, augment_vie
 from .descriptor import defect_descriptor
 from .encoders import EncoderConfig, EncoderOutput, build_encoder
 from .synthetic import simulate_batch
+from .tiles import NO_TILES, Tiling
 from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, calibrate_tail, make_verdict
 
 MODEL_VERSION = "fewshot-memory-4"
@@ -60,11 +62,15 @@ def default_decoder(encoder) -> DecoderConfig:
 
 @dataclass
 class Frame:
-    """A decoded frame: (H, W, 3) BGR or (H, W) grey uint8, any size."""
+    """A decoded frame: (H, W, 3) BGR or (H, W) grey uint8, any size.
+
+    `size` is the (width, height) of the camera's frame when `image` was decoded at a reduced scale; regions
+    and mm_per_px are in those pixels. None: the image's own size."""
 
     image: np.ndarray
     product: str
     mm_per_px: float | None = None
+    size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -72,7 +78,7 @@ class ScoredFrame:
     """One result of `score`; unpacks as `(verdict, anomaly_map)`."""
 
     verdict: ModelVerdict
-    anomaly_map: np.ndarray          # (H, W) float32 at frame resolution
+    anomaly_map: np.ndarray          # (h, w) float32 at model resolution (S x S; tiled: the stitched tiles)
     product: str
     embedding: np.ndarray            # (D,) the encoder's global embedding, for the LVLM's image token
     descriptor: np.ndarray | None = None  # (≤256,) float16 of the main defect, flagged frames only (descriptor.py)
@@ -98,6 +104,7 @@ class ProductState:
     semantic_offset: float
     references: list[np.ndarray]
     version: str | None = None       # the registry version it came from (inference/registry.py); None = references
+    tiling: Tiling = NO_TILES        # a tiled product's memory and threshold are of tile views (tiles.py)
 
 
 class InspectionModel:
@@ -140,27 +147,47 @@ class InspectionModel:
         previous = self.states[product].references if product in self.states else []
         return self.set_references(product, previous + list(images))
 
-    def set_references(self, product: str, images: list[np.ndarray]) -> Calibration:
-        """Replace a product's references (k >= 0; k = 0 needs a text tower) and calibrate it."""
-        state = self.state_from_references(product, images)
+    def set_references(self, product: str, images: list[np.ndarray], tiling: Tiling | None = None) -> Calibration:
+        """Replace a product's references (k >= 0; k = 0 needs a text tower) and calibrate it; `tiling`
+        (default: the product's current one) inspects its frames in tiles."""
+        state = self.state_from_references(product, images, tiling)
         self.states[product] = state
         return state.calibration
 
+    def tiling(self, product: str) -> Tiling:
+        return self.states[product].tiling if product in self.states else NO_TILES
+
+    def needed_pixels(self, product: str) -> tuple[int, int]:
+        """(width, height) of a frame that still gives the encoder full detail: a decoder may shrink to it."""
+        return self.tiling(product).needed_pixels(self.encoder.image_size)
+
+    def _views(self, images: list[np.ndarray], tiling: Tiling) -> tuple[list[np.ndarray], np.ndarray]:
+        """A product's views of images (its tiles, or the images), and the image each view comes from."""
+        if not tiling.active:
+            return list(images), np.arange(len(images))
+        views = [crop for image in images for crop in tiling.split(image)]
+        return views, np.repeat(np.arange(len(images)), tiling.count)
+
     @torch.inference_mode()
-    def state_from_references(self, product: str, images: list[np.ndarray]) -> ProductState:
+    def state_from_references(self, product: str, images: list[np.ndarray],
+                              tiling: Tiling | None = None) -> ProductState:
         """A calibrated state of `product` from these references, built beside the live one (not installed)."""
         images = list(images)
+        tiling = self.tiling(product) if tiling is None else tiling
         prompts = self._prompts(product) if self.encoder.has_text else None
         if not images:
             if not self.decoder.zero_shot:
                 raise ValueError(f"{product}: zero-shot needs an encoder with a text tower; give references")
-            return ProductState(None, calibrate(np.array([]), "zero-shot", self.config.verdict), prompts, 0.0, [])
-        pixels = self.encoder.preprocess(images)                         # (k, 3, S, S) uint8
+            return ProductState(None, calibrate(np.array([]), "zero-shot", self.config.verdict), prompts, 0.0, [],
+                                tiling=tiling)
+        views, groups = self._views(images, tiling)
+        pixels = self.encoder.preprocess(views)                          # (k x tiles, 3, S, S) uint8
         if prompts is None and self.config.prototype_views > 0:
             prompts = self._fit_prototypes(pixels, product)
         memory, semantic_offset = self._memory(pixels, prompts)
-        state = ProductState(memory, Calibration(1.0, 0.5, "pending"), prompts, semantic_offset, images)
-        state.calibration = self._calibrate(state, pixels, product)
+        state = ProductState(memory, Calibration(1.0, 0.5, "pending"), prompts, semantic_offset, images,
+                             tiling=tiling)
+        state.calibration = self._calibrate(state, pixels, product, groups)
         return state
 
     @torch.inference_mode()
@@ -169,10 +196,11 @@ class InspectionModel:
         operators labelled good), bounded by the coreset as always; prompts and, unless given, the
         calibration are the current state's. The model itself is not changed."""
         state = self.states[product]
-        memory, semantic_offset = self._memory(self.encoder.preprocess(state.references), state.prompts,
-                                               self.encoder.preprocess(list(normals)) if normals else None)
+        memory, semantic_offset = self._memory(
+            self.encoder.preprocess(self._views(state.references, state.tiling)[0]), state.prompts,
+            self.encoder.preprocess(self._views(list(normals), state.tiling)[0]) if normals else None)
         return ProductState(memory, calibration or state.calibration, state.prompts, semantic_offset,
-                            state.references)
+                            state.references, tiling=state.tiling)
 
     def _memory(self, pixels: torch.Tensor, prompts: torch.Tensor | None,
                 extra: torch.Tensor | None = None) -> tuple[ReferenceMemory, float]:
@@ -195,9 +223,12 @@ class InspectionModel:
         memory = self.decoder.build_memory(stage_batches(), k, views.shape[0] // k, seed=self.config.seed)
         return memory, offset[0]
 
-    def _calibrate(self, state: ProductState, pixels: torch.Tensor, product: str) -> Calibration:
-        """Score normal views the memory has not seen; see verdict.py for the rules."""
+    def _calibrate(self, state: ProductState, pixels: torch.Tensor, product: str,
+                   groups: np.ndarray | None = None) -> Calibration:
+        """Score normal views the memory has not seen; see verdict.py for the rules. `groups[i]` is the
+        reference that view i comes from (tiles of one image share it)."""
         k = pixels.shape[0]
+        groups = np.arange(k) if groups is None else groups
         verdict_config = self.config.verdict
         rng = np.random.default_rng([self.config.seed, _stable_hash(product)])
         if verdict_config.rule == "tail":
@@ -207,31 +238,35 @@ class InspectionModel:
                      for i in range(max(self.config.n_jitter, k))]
             views = torch.from_numpy(np.stack([view for view, _ in shots])).permute(0, 3, 1, 2)
             reshot = self._map_scores(views, state, np.stack([valid for _, valid in shots]))
-            held_out = self._held_out_scores(state, pixels, rng) if k >= 2 else None
+            held_out = self._held_out_scores(state, pixels, rng, groups) if groups.max() >= 1 else None
             simulated = None
             if verdict_config.simulated_quantile is not None:
                 bases = [pixels[i % k].permute(1, 2, 0).numpy() for i in range(max(self.config.n_jitter, k))]
                 anomalous, _ = simulate_batch(bases, 2 * len(bases), rng)
                 simulated = self._map_scores(torch.from_numpy(anomalous).permute(0, 3, 1, 2), state)
             return calibrate_tail(reshot, held_out, verdict_config, simulated)
-        if k >= verdict_config.min_held_out:
+        if groups.max() + 1 >= verdict_config.min_held_out:
             # leave-one-out over up to 8 folds: each held-out reference is a genuinely unseen normal part
-            return calibrate(self._held_out_scores(state, pixels, rng), "held-out", verdict_config)
+            return calibrate(self._held_out_scores(state, pixels, rng, groups), "held-out", verdict_config)
         shots = [jitter(pixels[i % k].permute(1, 2, 0).numpy(), rng) for i in range(max(self.config.n_jitter, k))]
         views = torch.from_numpy(np.stack([view for view, _ in shots])).permute(0, 3, 1, 2)
         scores = self._map_scores(views, state, np.stack([valid for _, valid in shots]))
         return calibrate(scores, "jitter", verdict_config)
 
-    def _held_out_scores(self, state: ProductState, pixels: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    def _held_out_scores(self, state: ProductState, pixels: torch.Tensor, rng: np.random.Generator,
+                         groups: np.ndarray) -> np.ndarray:
         """Leave-one-out over up to 8 folds: each held-out reference, scored against a memory of the others,
-        is a genuinely unseen normal part."""
-        k = pixels.shape[0]
+        is a genuinely unseen normal part. One score per reference: the maximum over its views (tiles)."""
+        k = int(groups.max()) + 1
         scores = []
         for held in np.array_split(rng.permutation(k), min(k, 8)):
-            rest = np.setdiff1d(np.arange(k), held)
+            held_views = np.flatnonzero(np.isin(groups, held))
+            rest = np.flatnonzero(~np.isin(groups, held))
             memory, _ = self._memory(pixels[torch.from_numpy(rest)], state.prompts)
             held_state = ProductState(memory, state.calibration, state.prompts, state.semantic_offset, [])
-            scores.append(self._map_scores(pixels[torch.from_numpy(held)], held_state))
+            view_scores = self._map_scores(pixels[torch.from_numpy(held_views)], held_state)
+            owners = groups[held_views]
+            scores.append(np.array([view_scores[owners == g].max() for g in np.unique(owners)]))
         return np.concatenate(scores)
 
     def _map_scores(self, pixels: torch.Tensor, state: ProductState, valid: np.ndarray | None = None) -> np.ndarray:
@@ -292,37 +327,62 @@ class InspectionModel:
     def score(self, frames: list) -> list[ScoredFrame]:
         """Frames of any products and sizes -> one ScoredFrame (verdict, anomaly map) per frame.
 
-        A frame is a `Frame`, anything with `.image`, `.product` (and optionally `.mm_per_px`), or a
-        `(product, image)` tuple. The encoder sees the whole batch at once; each product's frames then
-        meet that product's memory.
+        A frame is a `Frame`, anything with `.image`, `.product` (and optionally `.mm_per_px`, `.size`), or a
+        `(product, image)` tuple. The encoder sees the whole batch at once (a tiled product's frame as its
+        tiles); each product's views then meet that product's memory. Maps, regions and positions are
+        computed at model resolution; regions are scaled to frame pixels.
         """
         frames = [_as_frame(f) for f in frames]
         unknown = {f.product for f in frames} - set(self.states)
         if unknown:
             raise KeyError(f"no references for product(s) {sorted(unknown)}: call add_references first")
-        results: list[ScoredFrame | None] = [None] * len(frames)
+        views: list[np.ndarray] = []
+        owner: list[int] = []
+        for index, frame in enumerate(frames):
+            tiling = self.states[frame.product].tiling
+            crops = tiling.split(frame.image) if tiling.active else [frame.image]
+            views.extend(crops)
+            owner.extend([index] * len(crops))
+        maps: list[np.ndarray | None] = [None] * len(views)
+        embedded: list[np.ndarray] = []
+        best: list[tuple[float, np.ndarray | None]] = [(-np.inf, None)] * len(frames)   # (peak, descriptor)
         step = self.config.cpu_micro_batch if self.device.type == "cpu" else self.config.batch_size
-        for start in range(0, len(frames), step):
-            chunk = frames[start:start + step]
-            out = self._encode(self.encoder.preprocess([f.image for f in chunk]))
-            embeddings = out.global_embedding.float().cpu().numpy()
-            for product in dict.fromkeys(f.product for f in chunk):
-                index = [i for i, f in enumerate(chunk) if f.product == product]
+        for start in range(0, len(views), step):
+            chunk = range(start, min(start + step, len(views)))
+            out = self._encode(self.encoder.preprocess([views[v] for v in chunk]))
+            embedded.append(out.global_embedding.float().cpu().numpy())
+            products = [frames[owner[v]].product for v in chunk]
+            for product in dict.fromkeys(products):
+                index = [i for i, p in enumerate(products) if p == product]
                 select = torch.tensor(index, device=self.device)
                 state = self.states[product]
-                maps = self._decode([s.index_select(0, select) for s in out.patch_features], state)
-                maps = maps.float().cpu().numpy()                           # (b, S, S)
-                for anomaly_map, i in zip(maps, index, strict=True):
-                    frame = chunk[i]
-                    H, W = frame.image.shape[:2]
-                    full = cv2.resize(anomaly_map, (W, H), interpolation=cv2.INTER_LINEAR)
-                    verdict = make_verdict(full, state.calibration, frame.mm_per_px, self.config.verdict)
-                    descriptor = None
-                    if verdict.is_anomalous:   # for the dialogue's similar-parts search
-                        descriptor = defect_descriptor([s[i] for s in out.patch_features], anomaly_map,
-                                                       verdict.threshold, self.decoder_config.memory_stages)
-                    results[start + i] = ScoredFrame(verdict, full, product, embeddings[i], descriptor)
-        return results  # type: ignore[return-value]
+                decoded = self._decode([s.index_select(0, select) for s in out.patch_features], state)
+                for view_map, i in zip(decoded.float().cpu().numpy(), index, strict=True):   # (S, S) each
+                    view = start + i
+                    maps[view] = view_map
+                    peak = float(view_map.max())
+                    frame_index = owner[view]
+                    if peak > state.calibration.threshold and peak > best[frame_index][0]:
+                        # the flagged view's defect, for the dialogue's similar-parts search
+                        best[frame_index] = (peak, defect_descriptor(
+                            [s[i] for s in out.patch_features], view_map, state.calibration.threshold,
+                            self.decoder_config.memory_stages))
+        embeddings = np.concatenate(embedded) if embedded else np.empty((0, 0), np.float32)
+        results = []
+        owner_array = np.asarray(owner)
+        for index, frame in enumerate(frames):
+            state = self.states[frame.product]
+            mine = np.flatnonzero(owner_array == index)
+            height, width = frame.image.shape[:2]
+            if state.tiling.active:
+                anomaly_map = state.tiling.stitch(np.stack([maps[v] for v in mine]), width, height)
+            else:
+                anomaly_map = maps[mine[0]]
+            verdict = make_verdict(anomaly_map, state.calibration, frame.mm_per_px, self.config.verdict,
+                                   frame_size=frame.size or (width, height))
+            descriptor = best[index][1] if verdict.is_anomalous else None
+            results.append(ScoredFrame(verdict, anomaly_map, frame.product, embeddings[mine].mean(0), descriptor))
+        return results
 
     # --- answers ---------------------------------------------------------------------------------
 
@@ -392,7 +452,7 @@ def _as_frame(item) -> Frame:
         return item
     if isinstance(item, tuple):
         return Frame(item[1], item[0], item[2] if len(item) > 2 else None)
-    return Frame(item.image, item.product, getattr(item, "mm_per_px", None))
+    return Frame(item.image, item.product, getattr(item, "mm_per_px", None), getattr(item, "size", None))
 
 
 def _precision(name: str, device: torch.device) -> torch.dtype:

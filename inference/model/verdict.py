@@ -30,7 +30,8 @@ The older rule, `margin`, is kept as the benchmark's baseline:
 Confidence is a logistic in log-score, 0.5 at the threshold and 0.95 at the typical normal score, so
 it says how far a score is from the decision in units of the normal variation.
 
-Regions are the connected components of map > the region level, computed only for a frame above the
+Regions are the connected components of map > the region level, found on the map at model resolution (a
+5-20 MP frame costs what a 512 px one does) and scaled to frame pixels, computed only for a frame above the
 threshold, so an anomalous frame always has a region and a normal one never does. The level is halfway,
 in log-score, between the typical normal part's maximum and the threshold: a pixel belongs to a defect
 once it scores above what a normal part reaches almost everywhere, and the region keeps the defect's
@@ -44,7 +45,8 @@ bounding box; the 1 or 2 regions with the largest anomaly mass give the verdict'
 
 Example:
     >>> calibration = calibrate(np.array([0.05, 0.06, 0.05]), method="jitter")
-    >>> verdict = make_verdict(anomaly_map, calibration, mm_per_px=0.25)   # anomaly_map: (H, W) float32
+    >>> verdict = make_verdict(anomaly_map, calibration, mm_per_px=0.25, frame_size=(2448, 2048))
+    >>> # anomaly_map: (h, w) float32 at model resolution; regions come back in frame pixels
     >>> verdict.is_anomalous, verdict.positions
     (True, ['top left'])
 """
@@ -167,21 +169,28 @@ def position_word(cx: float, cy: float, width: int, height: int) -> str:
     return POSITIONS[row * 3 + col]
 
 
-def find_regions(anomaly_map: np.ndarray, calibration: Calibration,
-                 mm_per_px: float | None = None) -> list[Region]:
-    """Connected anomalous regions of an (H, W) map, largest anomaly mass first."""
-    H, W = anomaly_map.shape
+def find_regions(anomaly_map: np.ndarray, calibration: Calibration, mm_per_px: float | None = None,
+                 frame_size: tuple[int, int] | None = None) -> list[Region]:
+    """Connected anomalous regions of an (h, w) map, largest anomaly mass first, in the pixels of a
+    frame_size = (W, H) frame (default: the map's own size); mm_per_px is per frame pixel."""
+    h, w = anomaly_map.shape
+    W, H = frame_size or (w, h)
+    sx, sy = W / w, H / h
     level = calibration.region_level
     mask = (anomaly_map > level).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     found = []
     for label in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[label])
-        values = anomaly_map[y:y + h, x:x + w][labels[y:y + h, x:x + w] == label]
+        x, y, bw, bh, cells = (int(v) for v in stats[label])
+        values = anomaly_map[y:y + bh, x:x + bw][labels[y:y + bh, x:x + bw] == label]
         mass = float((values - level).sum())
-        region = Region(x=x, y=y, w=w, h=h, area_px=area,
+        # the box's edges, scaled to frame pixels; the area is the region's map cells times a cell's pixels
+        x0, y0 = math.floor(x * sx), math.floor(y * sy)
+        x1, y1 = min(W, math.ceil((x + bw) * sx)), min(H, math.ceil((y + bh) * sy))
+        area = max(1, round(cells * sx * sy))
+        region = Region(x=x0, y=y0, w=max(1, x1 - x0), h=max(1, y1 - y0), area_px=area,
                         area_mm2=None if mm_per_px is None else round(area * mm_per_px**2, 4),
-                        position=position_word(x + w / 2, y + h / 2, W, H), peak_score=round(float(values.max()), 6))
+                        position=position_word(x + bw / 2, y + bh / 2, w, h), peak_score=round(float(values.max()), 6))
         found.append((mass, region))
     found.sort(key=lambda item: -item[0])
     return [region for _, region in found]
@@ -219,12 +228,13 @@ class ModelVerdict:
 
 
 def make_verdict(anomaly_map: np.ndarray, calibration: Calibration, mm_per_px: float | None = None,
-                 config: VerdictConfig | None = None) -> ModelVerdict:
-    """(H, W) anomaly map at frame resolution -> ModelVerdict; the score is the map's maximum."""
+                 config: VerdictConfig | None = None, frame_size: tuple[int, int] | None = None) -> ModelVerdict:
+    """(h, w) anomaly map, at model resolution or any other -> ModelVerdict; the score is the map's maximum.
+    Regions are in the pixels of a frame_size = (W, H) frame (default: the map's size)."""
     config = config or VerdictConfig()
     score = float(anomaly_map.max())
     is_anomalous = score > calibration.threshold
-    regions = find_regions(anomaly_map, calibration, mm_per_px) if is_anomalous else []
+    regions = find_regions(anomaly_map, calibration, mm_per_px, frame_size) if is_anomalous else []
     return ModelVerdict(score=score, threshold=float(calibration.threshold), is_anomalous=is_anomalous,
                         confidence=float(calibration.confidence(score)), regions=regions,
                         positions=main_positions(regions, config.max_positions))
