@@ -5,7 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-HEATMAP_MAX_SIDE = 256
+HEATMAP_MAX_SIDE = 128   # per tile side: the map's detail is the encoder's patch grid (40x40 for lite0), smoothed;
+                         # 128 px keeps 3 px a patch at a quarter of a 256 px PNG's encoding time
+HEATMAP_LIMIT = 512
 OVERLAY_MAX_SIDE = 512
 
 
@@ -22,6 +24,11 @@ def map_to_u8(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     """0..255 covers 0..2x the product's threshold, so 128 is the decision boundary on every product."""
     scale = 127.5 / threshold if threshold > 0 else 255.0
     return np.clip(anomaly_map.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+
+
+def heatmap_side(tiles_per_side: int = 1) -> int:
+    """The longest side of a heatmap PNG: HEATMAP_MAX_SIDE per tile along the frame's longer grid side."""
+    return min(HEATMAP_LIMIT, HEATMAP_MAX_SIDE * max(1, tiles_per_side))
 
 
 def heatmap_png(anomaly_map: np.ndarray, threshold: float, max_side: int = HEATMAP_MAX_SIDE,
@@ -56,8 +63,13 @@ def overlay_jpeg(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, b
     heat = map_to_u8(cv2.resize(anomaly_map.astype(np.float32), (out_width, out_height),
                                 interpolation=cv2.INTER_AREA), threshold)
     colour = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
-    weight = (np.clip((heat.astype(np.float32) - 64) / 64, 0, 1) * 0.55)[..., None]
-    blended = (small.astype(np.float32) * (1 - weight) + colour.astype(np.float32) * weight).astype(np.uint8)
+    # colour weight: 0 below half the threshold (64), rising to 0.55 at the threshold (128) and above
+    weight = cv2.convertScaleAbs(heat, alpha=1.0, beta=-64.0).astype(np.float32)
+    np.minimum(weight, 64.0, out=weight)
+    weight *= 0.55 / 64
+    if small.ndim == 2:
+        small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
+    blended = cv2.blendLinear(small, colour, 1.0 - weight, weight)
     for x, y, w, h in boxes:
         top_left = (int(x * scale_x), int(y * scale_y))
         bottom_right = (max(top_left[0], round((x + w) * scale_x) - 1), max(top_left[1], round((y + h) * scale_y) - 1))

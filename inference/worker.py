@@ -41,7 +41,7 @@ from aiokafka.structs import TopicPartition
 from inference import frames
 from inference.budget import MemoryBudget
 from inference.offsets import OffsetTracker
-from inference.outputs import heatmap_png, overlay_jpeg
+from inference.outputs import heatmap_png, heatmap_side, overlay_jpeg
 from inference.references import ReferenceStore
 from inference.telemetry import WorkerMetrics
 from lineguard.events import (
@@ -110,6 +110,7 @@ class Scorer(Protocol):
     def products(self) -> set[str]: ...
     def set_references(self, product: str, images: list[np.ndarray], tiling=None) -> None: ...
     def needed_pixels(self, product: str) -> tuple[int, int]: ...
+    def tiling(self, product: str): ...
     def score(self, frames: list[FrameInput]) -> list[Scored]: ...
     def explain(self, items: list[tuple[FrameInput, Scored]]) -> list[str]: ...
 
@@ -697,6 +698,10 @@ class InferenceWorker:
             log.info("model_release_loaded", product=product, version=version)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _tiles_per_side(self, product: str) -> int:
+        tiling = self.model.tiling(product)
+        return max(tiling.cols, tiling.rows)
+
     def _heatmap(self, item: Item) -> Heatmap:
         scored = item.scored
         overlay = None
@@ -705,7 +710,8 @@ class InferenceWorker:
             overlay = overlay_jpeg(item.frame.image, scored.anomaly_map, scored.threshold, boxes, frame_size=item.size)
         return Heatmap(frame_id=item.meta.frame_id, camera_id=item.meta.camera_id, product=item.meta.product,
                        width=item.meta.width, height=item.meta.height,
-                       map_png=heatmap_png(scored.anomaly_map, scored.threshold, frame_size=item.size),
+                       map_png=heatmap_png(scored.anomaly_map, scored.threshold, frame_size=item.size,
+                                           max_side=heatmap_side(self._tiles_per_side(item.meta.product))),
                        overlay_jpeg=overlay)
 
     def _verdict(self, item: Item, publish_started: float, answer: str | None = None) -> Verdict:

@@ -8,6 +8,7 @@ import pytest
 from inference.model.verdict import (
     Calibration,
     VerdictConfig,
+    balanced_point,
     calibrate,
     calibrate_tail,
     make_verdict,
@@ -57,6 +58,26 @@ def test_tail_rule_takes_the_tighter_estimate_by_hand():
     assert capped.normal_score == pytest.approx(0.14 / 1.5) and capped.probability(0.14) == pytest.approx(0.5)
     assert calibrate_tail(reshot, None, simulated_scores=simulated + 0.2).method == "reshot"   # far above: no cap
     assert calibrate_tail(reshot, None, VerdictConfig(simulated_quantile=None), simulated).method == "reshot"
+
+
+def test_balanced_point_between_normal_and_simulated_defects_by_hand():
+    """Normal log-scores [-a, 0, a] and defect log-scores [m - a, m, m + a]: equal spreads (a), so the score
+    that best separates them is halfway, exp(m / 2), when that lies above the floor (median + 1 spread)."""
+    a = 0.15
+    normal = np.exp(np.array([-a, 0.0, a]))
+    for m, expected in ((1.0, np.exp(0.5)), (0.4, np.exp(0.2)), (0.2, np.exp(a))):    # the last: the floor
+        defects = np.exp(np.array([m - a, m, m + a]))
+        assert balanced_point(normal, defects, VerdictConfig()) == pytest.approx(expected, rel=5e-3), m
+    # tail rule: held-out [-a, 0, a] gives exp(1.645 * 0.2) = 1.39 (spread floor 0.2); re-shot far above
+    reshot = np.full(4, 5.0)
+    far = calibrate_tail(reshot, normal, simulated_scores=np.exp(np.array([1.0 - a, 1.0, 1.0 + a])))
+    assert far.method == "held-out" and far.threshold == pytest.approx(np.exp(1.645 * 0.2))   # 1.65 > 1.39
+    close = calibrate_tail(reshot, normal, simulated_scores=np.exp(np.array([0.4 - a, 0.4, 0.4 + a])))
+    assert close.method == "balanced" and close.threshold == pytest.approx(np.exp(0.2), rel=5e-3)
+    assert close.normal_score <= 1.0 and close.probability(close.threshold) == pytest.approx(0.5)
+    off = VerdictConfig(balance_floor_z=None)
+    assert calibrate_tail(reshot, normal, off, np.exp(np.array([0.4 - a, 0.4, 0.4 + a]))).method == "simulated"
+    assert calibrate_tail(reshot, None, simulated_scores=normal * 3).method != "balanced"   # k = 1: no held-out
 
 
 def test_confidence_is_calibrated_around_the_threshold():

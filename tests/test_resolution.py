@@ -197,3 +197,86 @@ def test_a_registry_bundle_keeps_the_tiling():
     assert state_from_bytes(state_bytes(state)).tiling == Tiling(2, 2)
     model.states["tile"] = state
     assert model.needed_pixels("tile") == (600, 600)        # 2 tiles of 320 px sharing 1/8 of a tile
+
+
+# --- in the worker ---------------------------------------------------------------------------------------
+
+class _Watching:
+    """The real model, noting the size of every image the worker hands it."""
+
+    def __init__(self, inner):
+        self.inner, self.shapes = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def set_references(self, product, images, tiling=None):   # the inner model holds these products already
+        pass
+
+    def score(self, frames):
+        self.shapes.extend((f.image.shape[1], f.image.shape[0], f.size) for f in frames)
+        return self.inner.score(frames)
+
+
+def test_the_worker_decodes_5_mp_frames_at_model_resolution_and_answers_in_frame_pixels(settings, model):
+    import asyncio
+
+    from helpers import read_topic
+    from worker_helpers import group
+
+    from inference.outputs import HEATMAP_MAX_SIDE, OVERLAY_MAX_SIDE
+    from inference.worker import InferenceWorker, WorkerConfig
+    from ingest.publisher import encode_jpeg
+    from lineguard.events import Heatmap, Verdict, encode_frame
+    from lineguard.kafka import make_producer, start_client
+    from lineguard.topics import FRAMES, HEATMAPS, VERDICTS
+
+    width, height = 2448, 2048
+    sim = LineSimulator(products=("disc",), seed=9)
+    parts = [sim.part(i, "disc", kind) for i, kind in enumerate(["scratch", None, "missing_piece", None])]
+
+    async def produce() -> None:
+        producer = await start_client(settings, make_producer(settings))
+        try:
+            for i, part in enumerate(parts):
+                jpeg, w, h = encode_jpeg(cv2.resize(part.image, (width, height), interpolation=cv2.INTER_CUBIC), 90)
+                meta = FrameMeta(frame_id=f"big-{i}", line_id="l", camera_id="cam-0", product="disc", width=w,
+                                 height=h, mm_per_px=0.05)
+                value, headers = encode_frame(meta, jpeg)
+                await producer.send_and_wait(settings.topic(FRAMES), value, key=b"cam-0", headers=headers)
+        finally:
+            await producer.stop()
+
+    async def run(worker) -> None:
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 120
+        while worker.metrics.frames_total() < len(parts) and time.monotonic() < deadline:
+            assert not task.done(), task.exception() if task.done() else None
+            await asyncio.sleep(0.1)
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+    asyncio.run(produce())
+    watching = _Watching(model)
+    worker = InferenceWorker(settings, watching, WorkerConfig(max_batch=8, max_wait_ms=200, explain=False,
+                                                              group_id=group(settings)))
+    asyncio.run(run(worker))
+    # lite0 needs 320 px: a 2448x2048 JPEG decodes at 1/4 (612x512), and the model knows the frame's size
+    assert watching.shapes == [(612, 512, (width, height))] * len(parts)
+    verdicts = [Verdict.from_bytes(r.value) for r in asyncio.run(read_topic(settings, VERDICTS, expect=len(parts)))]
+    heatmaps = [Heatmap.from_bytes(r.value) for r in asyncio.run(read_topic(settings, HEATMAPS, expect=len(parts)))]
+    flagged = [v for v in verdicts if v.is_anomalous]
+    assert {v.frame_id for v in flagged} >= {"big-0", "big-2"}
+    for verdict in flagged:
+        assert verdict.regions
+        for region in verdict.regions:           # frame pixels, and mm² from the frame's mm_per_px
+            assert 0 <= region.x < region.x + region.w <= width and 0 <= region.y < region.y + region.h <= height
+            assert region.area_mm2 == pytest.approx(region.area_px * 0.05**2, rel=1e-3)
+    big = max(r.w * r.h for v in flagged for r in v.regions)
+    assert big > 100 * 100, "regions are scaled to the 2448 px frame, not left at the model's 320 px"
+    for heatmap in heatmaps:
+        png = cv2.imdecode(np.frombuffer(heatmap.map_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert png.shape == (round(HEATMAP_MAX_SIDE * height / width), HEATMAP_MAX_SIDE)   # the frame's shape
+        if heatmap.overlay_jpeg is not None:
+            overlay = cv2.imdecode(np.frombuffer(heatmap.overlay_jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert overlay.shape[:2] == (round(OVERLAY_MAX_SIDE * height / width), OVERLAY_MAX_SIDE)

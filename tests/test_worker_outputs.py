@@ -292,7 +292,7 @@ def test_heatmap_png_is_single_channel_bounded_and_keeps_the_aspect_ratio(explai
         assert abs(width - heatmap.width * scale) <= 1 and abs(height - heatmap.height * scale) <= 1, \
             (heatmap.width, heatmap.height, width, height)
         shapes.add((heatmap.width, heatmap.height))
-    assert {(256, 256), *RESHAPED} <= shapes  # the frames above 256 px were really shrunk
+    assert {(256, 256), *RESHAPED} <= shapes  # the frames above 128 px were really shrunk
 
 
 def test_overlay_jpeg_is_attached_exactly_to_flagged_frames(explained):

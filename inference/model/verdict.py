@@ -17,6 +17,13 @@ scratches: synthetic.py) on the references themselves. Where a product's defects
 normal variation (on transistor, normal parts score about as high as its simulated defects), the normal
 estimates would pass most defects; a defect on a known-good part must still be flagged (method `simulated`).
 
+With k >= 2, it is also capped by the `balanced` point: log-normal fits of the held-out scores (normal parts)
+and of the simulated anomalies' scores (defects), and the score between them that maximises the balanced
+accuracy the two fits predict, never below the normal median + 1 spread. Where simulated defects score far
+above normal parts (bottle) the point lies above the tail estimate and changes nothing; where they come
+close (transistor), a 95th-percentile threshold passes many defects to spare a few false alarms, and the
+point trades them evenly, as balanced accuracy counts them.
+
 The older rule, `margin`, is kept as the benchmark's baseline:
 
 - `held-out` (k >= 8 references): leave-one-out over up to 8 folds, each fold scored against a memory
@@ -71,6 +78,10 @@ class VerdictConfig:
     min_log_spread: float = 0.2      # tail: the fit's spread of log-scores is at least this
     simulated_quantile: float | None = 0.25  # tail: the threshold is at most this quantile of the scores of
                                              # simulated anomalies on the references (None: not used)
+    balance_floor_z: float | None = 1.0      # tail: the balanced point between normal and simulated-defect scores
+                                             # lies at least this many normal spreads above the normal median
+                                             # (None: the balanced point is not used)
+    balance_min_spread: float = 0.1          # tail: the spread of either log-score fit is at least this
     jitter_margin: float = 3.0       # threshold / mean score of jittered reference views
     held_out_sigmas: float = 3.0     # threshold = mean + 3 std of held-out reference scores
     min_held_out: int = 8            # margin rule: references needed before holding some out (tail: 2)
@@ -84,7 +95,7 @@ class Calibration:
 
     threshold: float
     normal_score: float              # typical score of a normal view (< threshold)
-    method: str                      # "reshot", "held-out", "simulated", "jitter" or "zero-shot"
+    method: str                      # "reshot", "held-out", "simulated", "balanced", "jitter", "zero-shot"
     n_samples: int = 0
     normal_sigmas: float = 3.0
 
@@ -157,7 +168,27 @@ def calibrate_tail(reshot_scores: np.ndarray, held_out_scores: np.ndarray | None
             # its normal variation, and a defect on a known-good part must still be flagged
             best = Calibration(threshold=cap, normal_score=min(best.normal_score, cap / 1.5), method="simulated",
                                n_samples=best.n_samples, normal_sigmas=config.normal_sigmas)
+    if config.balance_floor_z is not None and held.size >= 2 and simulated.size >= 2:
+        point = balanced_point(held, simulated, config)
+        if point < best.threshold:
+            best = Calibration(threshold=point, normal_score=min(best.normal_score, float(np.median(held))),
+                               method="balanced", n_samples=int(held.size), normal_sigmas=config.normal_sigmas)
     return best
+
+
+def balanced_point(normal_scores: np.ndarray, defect_scores: np.ndarray, config: VerdictConfig) -> float:
+    """The score that best separates two log-normal fits, held-out normal parts and simulated defects on the
+    references: it maximises P(normal below) + P(defect above), the balanced accuracy the two fits predict.
+    It lies at least `balance_floor_z` normal spreads above the normal median."""
+    normal, defect = np.log(np.maximum(normal_scores, 1e-6)), np.log(np.maximum(defect_scores, 1e-6))
+    normal_mid, defect_mid = float(np.median(normal)), float(np.median(defect))
+    normal_spread = max(float(normal.std(ddof=1)), config.balance_min_spread)
+    defect_spread = max(float(defect.std(ddof=1)), config.balance_min_spread)
+    low = normal_mid + config.balance_floor_z * normal_spread
+    grid = np.linspace(low, max(defect_mid, low), 256)
+    cdf = np.frompyfunc(lambda z: 0.5 * (1.0 + math.erf(z / math.sqrt(2.0))), 1, 1)
+    separated = (cdf((grid - normal_mid) / normal_spread) - cdf((grid - defect_mid) / defect_spread)).astype(float)
+    return float(np.exp(grid[int(np.argmax(separated))]))
 
 
 # --- regions and positions -----------------------------------------------------------------------
