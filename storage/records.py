@@ -68,6 +68,8 @@ from storage.artifacts import ArtifactStore, StorageError, open_artifact_store, 
 from storage.labels import latest_defect_types, latest_status, save_labels, store_masks
 from storage.schema import as_utc, count_progress, counted_frames, frame_counts, naive_utc, records, upgrade
 from storage.settings import StorageSettings, sqlite_path
+from storage.vectors import VECTOR_INDEX_MIN_RECORDS, DescriptorIndex
+from storage.vectors import available as vectors_available
 
 log = get_logger(__name__)
 
@@ -153,10 +155,14 @@ class SaveBatch:
 class RecordStore:
     """Records, counts and labels in SQL; images in an artifact store."""
 
-    def __init__(self, url: str, artifacts: ArtifactStore):
+    def __init__(self, url: str, artifacts: ArtifactStore, vector_index_min: int | None = VECTOR_INDEX_MIN_RECORDS):
         self.url = url
         self.artifacts = artifacts
+        self.vector_index_min = vector_index_min   # similar() uses the sqlite-vec index from this many records
+        self._vector_index: DescriptorIndex | None = None
+        self._records_counted: tuple[float, int] = (-1e9, 0)
         path = sqlite_path(url)
+        self._vector_path = path
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +195,25 @@ class RecordStore:
         return cls(storage_settings.db_url(settings), open_artifact_store(storage_settings.artifacts(settings)))
 
     def close(self) -> None:
+        if self._vector_index is not None:
+            self._vector_index.close()
         self.engine.dispose()
+
+    def _index(self) -> DescriptorIndex | None:
+        """The sqlite-vec index, once the store holds `vector_index_min` records (SQLite only; counted once a
+        minute); None: brute force."""
+        if self.vector_index_min is None or self._vector_path is None or not vectors_available():
+            return None
+        if self._vector_index is None:
+            at, count = self._records_counted
+            if time.monotonic() - at > 60:
+                count = self.count_records()
+                self._records_counted = (time.monotonic(), count)
+            if count < self.vector_index_min:
+                return None
+            self._vector_index = DescriptorIndex.beside(self._vector_path)
+            log.info("vector_index_opened", path=str(self._vector_index.path), records=count)
+        return self._vector_index
 
     # -- writes --------------------------------------------------------------------------------
     def save(self, batch: SaveBatch, now: datetime | None = None) -> None:
@@ -385,7 +409,9 @@ class RecordStore:
         """The k stored records whose defect descriptor is nearest (cosine) to this frame's, best first.
 
         Brute force in numpy over every stored descriptor (of the same product by default): about 50 ms per
-        100k records. Raises KeyError for an unknown frame; returns [] when this frame has no descriptor.
+        100k records. From `vector_index_min` records on, a SQLite store asks its sqlite-vec index instead
+        (storage/vectors.py; flagged records only). Raises KeyError for an unknown frame; returns [] when this
+        frame has no descriptor.
         """
         with self.engine.connect() as conn:
             row = conn.execute(select(records.c.descriptor, records.c.product)
@@ -394,6 +420,10 @@ class RecordStore:
                 raise KeyError(frame_id)
             if not row.descriptor:
                 return []
+        index = self._index() if flagged_only else None
+        if index is not None:
+            return self._similar_indexed(index, frame_id, row, k, same_product)
+        with self.engine.connect() as conn:
             query = select(records.c.frame_id, records.c.descriptor).where(
                 records.c.descriptor.is_not(None), records.c.frame_id != frame_id)
             if same_product:
@@ -409,13 +439,27 @@ class RecordStore:
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         similarity = matrix @ target                                      # (N,)
         best = np.argsort(-similarity, kind="stable")[:k]
-        ids = [candidates[i].frame_id for i in best]
+        return self._similar_records([(candidates[i].frame_id, float(similarity[i])) for i in best])
+
+    def _similar_indexed(self, index: DescriptorIndex, frame_id: str, row, k: int,
+                         same_product: bool) -> list[SimilarRecord]:
+        index.sync(self.engine)
+        target = np.frombuffer(row.descriptor, dtype="<f2").astype(np.float32)
+        hits = index.nearest(target, row.product if same_product else None, k + 1)
+        with self.engine.connect() as conn:
+            present = {r.frame_id for r in conn.execute(select(records.c.frame_id).where(
+                records.c.frame_id.in_([hit_id for _, hit_id, _ in hits])))}
+        index.forget([rowid for rowid, hit_id, _ in hits if hit_id not in present])
+        ranked = [(hit_id, similarity) for _, hit_id, similarity in hits if hit_id != frame_id and hit_id in present]
+        return self._similar_records(ranked[:k])
+
+    def _similar_records(self, ranked: list[tuple[str, float]]) -> list[SimilarRecord]:
+        ids = [frame_id for frame_id, _ in ranked]
         with self.engine.connect() as conn:
             found = {r.frame_id: _record(r) for r in conn.execute(select(records).where(records.c.frame_id.in_(ids)))}
             types = latest_defect_types(conn, ids)
-        return [SimilarRecord(record=found[candidates[i].frame_id], similarity=round(float(similarity[i]), 4),
-                              defect_type=types.get(candidates[i].frame_id))
-                for i in best if candidates[i].frame_id in found]
+        return [SimilarRecord(record=found[frame_id], similarity=round(similarity, 4), defect_type=types.get(frame_id))
+                for frame_id, similarity in ranked if frame_id in found]
 
     def count_records(self) -> int:
         with self.engine.connect() as conn:

@@ -104,14 +104,15 @@ class Pipeline:
     """The worker and the recorder, running in a background thread's event loop."""
 
     def __init__(self, settings: Settings, storage_settings: StorageSettings, model, worker_group: str,
-                 registry=None):
+                 registry=None, **worker_config):
         self.settings = settings
         self.storage_settings = storage_settings
         # the model arrives with its references: the worker gets an empty state dir of its own, so it does not
         # load (and calibrate again) references other tests registered in the session's state dir
         worker_settings = settings.model_copy(update={"state_dir": Path(tempfile.mkdtemp(prefix="worker-state-"))})
         self.worker = InferenceWorker(worker_settings, model,
-                                      WorkerConfig(max_batch=8, max_wait_ms=30, group_id=worker_group),
+                                      WorkerConfig(**({"max_batch": 8, "max_wait_ms": 30, "group_id": worker_group}
+                                                     | worker_config)),
                                       registry=registry)
         self.recorder = Recorder(settings, storage_settings)
         self.store: RecordStore = self.recorder.store
@@ -163,9 +164,10 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def run_pipeline(settings: Settings, storage_settings: StorageSettings, model, registry=None) -> Iterator[Pipeline]:
+def run_pipeline(settings: Settings, storage_settings: StorageSettings, model, registry=None,
+                 **worker_config) -> Iterator[Pipeline]:
     pipeline = Pipeline(settings, storage_settings, model, worker_group=f"inference-{settings.topic_prefix}",
-                        registry=registry)
+                        registry=registry, **worker_config)
     try:
         yield pipeline.start()
     finally:
