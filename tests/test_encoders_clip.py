@@ -203,7 +203,7 @@ def test_inspection_model_scores_a_frame_with_siglip(siglip_dir):
     assert model.decoder_config.memory_stages == (0, 1, 2, 3)           # ViT: all 4 taps, raw tokens
     sim = LineSimulator(size=64)
     calibration = model.add_references("disc", sim.normal_references("disc", 2))
-    assert calibration.method in ("reshot", "held-out", "simulated") and calibration.threshold > 0
+    assert calibration.method in ("reshot", "held-out", "simulated", "balanced") and calibration.threshold > 0
     part = sim.part(1, product="disc", defect_type="scratch")
     [(verdict, anomaly_map)] = model.score([(part.product, part.image)])
     assert anomaly_map.shape == model.image_size and np.isfinite(anomaly_map).all()

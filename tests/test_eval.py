@@ -58,7 +58,7 @@ def test_eval_command_prints_one_json_object(mvtec):
 def test_eval_all_shots_and_per_seed_runs(mvtec):
     report = evaluate(mvtec, shots="all", seeds=1, image_size=96, device="cpu")
     assert report["shots"] == "all" and report["runs"][0]["references"] == "all"
-    assert report["runs"][0]["calibration"] in ("reshot", "held-out", "simulated")
+    assert report["runs"][0]["calibration"] in ("reshot", "held-out", "simulated", "balanced")
 
 
 def test_eval_rejects_bad_shots(mvtec):
