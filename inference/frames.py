@@ -82,21 +82,26 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RE
             8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
+def scaled_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(width, height) of a JPEG of `size` decoded at 1/factor: libjpeg rounds up."""
+    return -(-size[0] // factor), -(-size[1] // factor)
+
+
 def reduction(size: tuple[int, int], needed: tuple[int, int] | None) -> int:
     """The largest libjpeg DCT scale-down (1, 2, 4 or 8) that keeps at least `needed` = (width, height)."""
     if needed is None:
         return 1
-    width, height = size
     for factor in (8, 4, 2):
-        if -(-width // factor) >= needed[0] and -(-height // factor) >= needed[1]:
+        width, height = scaled_size(size, factor)
+        if width >= needed[0] and height >= needed[1]:
             return factor
     return 1
 
 
 def decode(data: bytes, meta: FrameMeta, size: tuple[int, int], needed: tuple[int, int] | None = None) -> np.ndarray:
     """The (H, W, 3) BGR image of a frame whose header passed `check_size`, decoded at the largest DCT
-    scale-down (1/2, 1/4, 1/8: libjpeg skips the discarded coefficients, so a 20 MP frame decodes about
-    6x faster) that still gives `needed` = (width, height) pixels; None: full size."""
+    scale-down (1/2, 1/4, 1/8: libjpeg skips the discarded coefficients) that still gives `needed` =
+    (width, height) pixels; None: full size."""
     # EXIF orientation is ignored: the size policy and the regions are in the sensor's pixels, as the header says
     factor = reduction(size, needed)
     try:
@@ -106,8 +111,7 @@ def decode(data: bytes, meta: FrameMeta, size: tuple[int, int], needed: tuple[in
                             f"{str(exc).strip().splitlines()[-1][:200]}") from None
     if image is None:
         raise FrameRejected("UndecodableImage", f"cannot decode {meta.encoding} image of frame {meta.frame_id}")
-    if factor > 1:
-        size = (-(-size[0] // factor), -(-size[1] // factor))
+    size = scaled_size(size, factor)
     if (image.shape[1], image.shape[0]) != size:
         raise FrameRejected("MetaMismatch", f"frame {meta.frame_id}: decoded to {image.shape[1]}x{image.shape[0]}, "
                                             f"its header says {size[0]}x{size[1]}")

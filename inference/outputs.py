@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 
 HEATMAP_MAX_SIDE = 128   # per tile side: the map's detail is the encoder's patch grid (40x40 for lite0), smoothed;
-                         # 128 px keeps 3 px a patch at a quarter of a 256 px PNG's encoding time
+                         # 128 px keeps 3 px a patch, with a quarter of a 256 px PNG's pixels to encode
 HEATMAP_LIMIT = 512
 OVERLAY_MAX_SIDE = 512
 

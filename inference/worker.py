@@ -401,8 +401,8 @@ class InferenceWorker:
         item.size = frames.frame_size(jpeg)
         frames.check_size(meta, item.size, self.settings.max_frame_pixels)
         item.needed = self.model.needed_pixels(meta.product) if self.config.reduced_decode else None
-        factor = frames.reduction(item.size, item.needed)       # what the decode will hold: 1/factor² of it
-        return frame_cost_bytes(-(-item.size[0] // factor) * -(-item.size[1] // factor))
+        width, height = frames.scaled_size(item.size, frames.reduction(item.size, item.needed))
+        return frame_cost_bytes(width * height)                 # what the decode will hold
 
     def _decode(self, item: Item) -> None:
         """In the decode pool: fill item.frame; raises FrameRejected."""

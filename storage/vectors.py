@@ -57,6 +57,7 @@ class DescriptorIndex:
         self.db.execute("CREATE TABLE IF NOT EXISTS synced (id INTEGER PRIMARY KEY CHECK (id = 1), last_rowid INTEGER)")
         self.db.execute("CREATE TABLE IF NOT EXISTS dims (dim INTEGER PRIMARY KEY)")
         self.db.commit()
+        self.dims = {row[0] for row in self.db.execute("SELECT dim FROM dims")}   # descriptor lengths indexed
 
     @classmethod
     def beside(cls, records_path: Path) -> DescriptorIndex:
@@ -68,17 +69,15 @@ class DescriptorIndex:
     def __len__(self) -> int:
         with self.lock:
             return sum(self.db.execute(f"SELECT count(*) FROM descriptors_{dim}").fetchone()[0]
-                       for dim in self._dims())
-
-    def _dims(self) -> list[int]:
-        return [row[0] for row in self.db.execute("SELECT dim FROM dims")]
+                       for dim in self.dims)
 
     def _table(self, dim: int) -> str:
-        if dim not in self._dims():
+        if dim not in self.dims:
             self.db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS descriptors_{dim} USING vec0("
                             f"embedding float[{dim}] distance_metric=cosine, product text partition key, "
                             "+frame_id text)")
             self.db.execute("INSERT OR IGNORE INTO dims (dim) VALUES (?)", (dim,))
+            self.dims.add(dim)
         return f"descriptors_{dim}"
 
     def sync(self, engine) -> int:
@@ -111,7 +110,7 @@ class DescriptorIndex:
         """The k indexed descriptors nearest to `vector` (cosine), best first: (rowid, frame_id, similarity)."""
         vector = np.asarray(vector, np.float32)
         with self.lock:
-            if vector.size not in self._dims():
+            if vector.size not in self.dims:
                 return []
             where = "embedding MATCH ? AND k = ?" + (" AND product = ?" if product is not None else "")
             params = (vector.tobytes(), int(k)) + ((product,) if product is not None else ())
@@ -124,6 +123,6 @@ class DescriptorIndex:
         if not rowids:
             return
         with self.lock:
-            for dim in self._dims():
+            for dim in self.dims:
                 self.db.executemany(f"DELETE FROM descriptors_{dim} WHERE rowid = ?", [(r,) for r in rowids])
             self.db.commit()

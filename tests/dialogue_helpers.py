@@ -60,6 +60,23 @@ def storage_settings_for(folder: Path) -> StorageSettings:
                                  store_group=f"store-{time.monotonic_ns()}", store_join_timeout_s=20.0)
 
 
+def registry_line(stack, folder: Path, name: str):
+    """Settings on the session stack with topics of their own, storage settings in `folder`, and the model
+    registry on them: (settings, storage_settings, registry); close the registry."""
+    from inference.registry import ModelRegistry
+    from lineguard.artifacts import open_artifact_store
+    from lineguard.kafka import ensure_topics
+    from lineguard.settings import load_settings
+
+    settings = load_settings(state_dir=folder / "state", kafka_bootstrap=stack.kafka_bootstrap,
+                             influx_url=stack.influx_url, topic_prefix=f"{name}-{time.monotonic_ns()}.")
+    asyncio.run(ensure_topics(settings))
+    storage_settings = storage_settings_for(folder)
+    registry = ModelRegistry(storage_settings.db_url(settings),
+                             open_artifact_store(storage_settings.artifacts(settings)))
+    return settings, storage_settings, registry
+
+
 @dataclass
 class Service:
     base_url: str

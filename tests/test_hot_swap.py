@@ -8,16 +8,13 @@ import threading
 import time
 
 import pytest
-from dialogue_helpers import PRODUCT, run_pipeline, small_model, storage_settings_for
+from dialogue_helpers import PRODUCT, registry_line, run_pipeline, small_model
 from helpers import read_topic
 
-from inference.registry import ModelRegistry
 from ingest.publisher import as_published, encode_jpeg
 from ingest.simulator import LineSimulator
-from lineguard.artifacts import open_artifact_store
 from lineguard.events import FrameMeta, Verdict, encode_frame
-from lineguard.kafka import ensure_topics, make_producer, start_client
-from lineguard.settings import load_settings
+from lineguard.kafka import make_producer, start_client
 from lineguard.topics import FRAMES, VERDICTS
 from training.train import release
 
@@ -60,12 +57,7 @@ async def _line(settings, images) -> None:
 
 
 def test_promote_and_rollback_under_load_lose_nothing_and_swap_between_batches(stack, tmp_path):
-    settings = load_settings(state_dir=tmp_path / "state", kafka_bootstrap=stack.kafka_bootstrap,
-                             influx_url=stack.influx_url, topic_prefix=f"swap-{time.monotonic_ns()}.")
-    asyncio.run(ensure_topics(settings))
-    storage_settings = storage_settings_for(tmp_path)
-    registry = ModelRegistry(storage_settings.db_url(settings),
-                             open_artifact_store(storage_settings.artifacts(settings)))
+    settings, storage_settings, registry = registry_line(stack, tmp_path, "swap")
     inner = small_model()
     simulator = LineSimulator(products=(PRODUCT,), seed=5)
     # two versions: the model's own references (A) and more of them (B)

@@ -7,23 +7,20 @@ Also: the registry's bundles round-trip, rollback and the nightly no-op."""
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from dialogue_helpers import PRODUCT, run_pipeline, small_model, storage_settings_for
+from dialogue_helpers import PRODUCT, registry_line, run_pipeline, small_model
 from storage_helpers import wait_until
 from test_training_learn import striped
 
 from inference.registry import ModelRegistry, RegistryError, state_bytes, state_from_bytes
 from ingest.publisher import encode_jpeg
 from ingest.simulator import LineSimulator
-from lineguard.artifacts import open_artifact_store
 from lineguard.events import FrameMeta, Label, encode_frame
-from lineguard.kafka import ensure_topics, make_producer, start_client
-from lineguard.settings import load_settings
+from lineguard.kafka import make_producer, start_client
 from lineguard.topics import FRAMES, LABELS
 from training.train import GateConfig, TrainingLocked, train, training_lock
 
@@ -56,13 +53,7 @@ def _labelled(store, n: int, timeout_s: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def loop(stack, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("training")
-    settings = load_settings(state_dir=folder / "state", kafka_bootstrap=stack.kafka_bootstrap,
-                             influx_url=stack.influx_url, topic_prefix=f"training-{time.monotonic_ns()}.")
-    asyncio.run(ensure_topics(settings))
-    storage_settings = storage_settings_for(folder)
-    registry = ModelRegistry(storage_settings.db_url(settings),
-                             open_artifact_store(storage_settings.artifacts(settings)))
+    settings, storage_settings, registry = registry_line(stack, tmp_path_factory.mktemp("training"), "training")
     with run_pipeline(settings, storage_settings, small_model(), registry=registry) as pipeline:
         yield settings, storage_settings, pipeline, registry
     registry.close()

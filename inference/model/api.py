@@ -337,10 +337,12 @@ class InspectionModel:
         if unknown:
             raise KeyError(f"no references for product(s) {sorted(unknown)}: call add_references first")
         views: list[np.ndarray] = []
-        owner: list[int] = []
+        owner: list[int] = []                    # the frame of each view
+        spans: list[range] = []                  # the views of each frame
         for index, frame in enumerate(frames):
             tiling = self.states[frame.product].tiling
             crops = tiling.split(frame.image) if tiling.active else [frame.image]
+            spans.append(range(len(views), len(views) + len(crops)))
             views.extend(crops)
             owner.extend([index] * len(crops))
         maps: list[np.ndarray | None] = [None] * len(views)
@@ -369,10 +371,8 @@ class InspectionModel:
                             self.decoder_config.memory_stages))
         embeddings = np.concatenate(embedded) if embedded else np.empty((0, 0), np.float32)
         results = []
-        owner_array = np.asarray(owner)
-        for index, frame in enumerate(frames):
+        for index, (frame, mine) in enumerate(zip(frames, spans, strict=True)):
             state = self.states[frame.product]
-            mine = np.flatnonzero(owner_array == index)
             height, width = frame.image.shape[:2]
             if state.tiling.active:
                 anomaly_map = state.tiling.stitch(np.stack([maps[v] for v in mine]), width, height)
@@ -381,7 +381,8 @@ class InspectionModel:
             verdict = make_verdict(anomaly_map, state.calibration, frame.mm_per_px, self.config.verdict,
                                    frame_size=frame.size or (width, height))
             descriptor = best[index][1] if verdict.is_anomalous else None
-            results.append(ScoredFrame(verdict, anomaly_map, frame.product, embeddings[mine].mean(0), descriptor))
+            results.append(ScoredFrame(verdict, anomaly_map, frame.product, embeddings[mine.start:mine.stop].mean(0),
+                                       descriptor))
         return results
 
     # --- answers ---------------------------------------------------------------------------------
