@@ -68,7 +68,7 @@ from storage.artifacts import ArtifactStore, StorageError, open_artifact_store, 
 from storage.labels import latest_defect_types, latest_status, save_labels, store_masks
 from storage.schema import as_utc, count_progress, counted_frames, frame_counts, naive_utc, records, upgrade
 from storage.settings import StorageSettings, sqlite_path
-from storage.vectors import VECTOR_INDEX_MIN_RECORDS, DescriptorIndex
+from storage.vectors import VECTOR_INDEX_MIN_RECORDS, DescriptorIndex, PgVectorIndex
 from storage.vectors import available as vectors_available
 
 log = get_logger(__name__)
@@ -158,8 +158,9 @@ class RecordStore:
     def __init__(self, url: str, artifacts: ArtifactStore, vector_index_min: int | None = VECTOR_INDEX_MIN_RECORDS):
         self.url = url
         self.artifacts = artifacts
-        self.vector_index_min = vector_index_min   # similar() uses the sqlite-vec index from this many records
-        self._vector_index: DescriptorIndex | None = None
+        self.vector_index_min = vector_index_min   # similar() uses a vector index from this many records
+        self._vector_index: DescriptorIndex | PgVectorIndex | None = None
+        self._vector_index_failed = False
         self._records_counted: tuple[float, int] = (-1e9, 0)
         path = sqlite_path(url)
         self._vector_path = path
@@ -199,10 +200,13 @@ class RecordStore:
             self._vector_index.close()
         self.engine.dispose()
 
-    def _index(self) -> DescriptorIndex | None:
-        """The sqlite-vec index, once the store holds `vector_index_min` records (SQLite only; counted once a
-        minute); None: brute force."""
-        if self.vector_index_min is None or self._vector_path is None or not vectors_available():
+    def _index(self) -> DescriptorIndex | PgVectorIndex | None:
+        """The vector index, once the store holds `vector_index_min` records (counted once a minute): sqlite-vec
+        beside SQLite, pgvector inside PostgreSQL (storage/vectors.py); None: brute force."""
+        if self.vector_index_min is None or self._vector_index_failed:
+            return None
+        postgres = self.engine.dialect.name == "postgresql"
+        if not postgres and (self._vector_path is None or not vectors_available()):
             return None
         if self._vector_index is None:
             at, count = self._records_counted
@@ -211,8 +215,18 @@ class RecordStore:
                 self._records_counted = (time.monotonic(), count)
             if count < self.vector_index_min:
                 return None
-            self._vector_index = DescriptorIndex.beside(self._vector_path)
-            log.info("vector_index_opened", path=str(self._vector_index.path), records=count)
+            if postgres:
+                try:
+                    self._vector_index = PgVectorIndex(self.engine)
+                except SQLAlchemyError as exc:
+                    self._vector_index_failed = True
+                    log.warning("vector_index_unavailable", reason=_first_line(exc),
+                                fallback="brute force (install pgvector and allow CREATE EXTENSION vector)")
+                    return None
+                log.info("vector_index_opened", kind="pgvector", records=count)
+            else:
+                self._vector_index = DescriptorIndex.beside(self._vector_path)
+                log.info("vector_index_opened", kind="sqlite-vec", path=str(self._vector_index.path), records=count)
         return self._vector_index
 
     # -- writes --------------------------------------------------------------------------------
@@ -409,9 +423,9 @@ class RecordStore:
         """The k stored records whose defect descriptor is nearest (cosine) to this frame's, best first.
 
         Brute force in numpy over every stored descriptor (of the same product by default): about 50 ms per
-        100k records. From `vector_index_min` records on, a SQLite store asks its sqlite-vec index instead
-        (storage/vectors.py; flagged records only). Raises KeyError for an unknown frame; returns [] when this
-        frame has no descriptor.
+        100k records. From `vector_index_min` records on, it asks a vector index instead: sqlite-vec for
+        SQLite, pgvector for PostgreSQL (storage/vectors.py; flagged records only). Raises KeyError for an
+        unknown frame; returns [] when this frame has no descriptor.
         """
         with self.engine.connect() as conn:
             row = conn.execute(select(records.c.descriptor, records.c.product)
@@ -441,7 +455,7 @@ class RecordStore:
         best = np.argsort(-similarity, kind="stable")[:k]
         return self._similar_records([(candidates[i].frame_id, float(similarity[i])) for i in best])
 
-    def _similar_indexed(self, index: DescriptorIndex, frame_id: str, row, k: int,
+    def _similar_indexed(self, index: DescriptorIndex | PgVectorIndex, frame_id: str, row, k: int,
                          same_product: bool) -> list[SimilarRecord]:
         index.sync(self.engine)
         target = np.frombuffer(row.descriptor, dtype="<f2").astype(np.float32)

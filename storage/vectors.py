@@ -1,9 +1,14 @@
-"""Nearest-descriptor search for large record stores: a sqlite-vec index beside the SQLite records database.
+"""Nearest-descriptor search for large record stores: sqlite-vec beside SQLite, pgvector inside PostgreSQL.
 
 `RecordStore.similar` compares a flagged part's defect descriptor with every stored one, brute force in
-numpy, up to `VECTOR_INDEX_MIN_RECORDS` records (about 50 ms per 100k). Above that it asks this index: a
-`vec0` virtual table of sqlite-vec (cosine distance, partitioned by product), one table per descriptor
-length, in its own file `<records>.vectors.sqlite`.
+numpy, up to `VECTOR_INDEX_MIN_RECORDS` records (about 50 ms per 100k). Above that it asks an index with the
+same three calls (`sync`, `nearest`, `forget`):
+
+- **SQLite** (`DescriptorIndex`): a `vec0` virtual table of sqlite-vec (cosine distance, partitioned by
+  product), one table per descriptor length, in its own file `<records>.vectors.sqlite`;
+- **PostgreSQL** (`PgVectorIndex`): tables of pgvector `vector(n)` columns with an HNSW index
+  (`vector_cosine_ops`) in the records database itself, one per descriptor length; their rows reference
+  `records` with `ON DELETE CASCADE`, so retention removes them with the records.
 
 Why a file of its own: the Python here (and many distributions' builds) cannot load SQLite extensions
 through the standard `sqlite3` module, so the index is opened with `pysqlite3` (the same DB-API with a
@@ -20,10 +25,11 @@ are dropped from the index when a search meets them.
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import literal_column, select
+from sqlalchemy import literal_column, select, text
 
 from .schema import records
 
@@ -126,3 +132,103 @@ class DescriptorIndex:
             for dim in self.dims:
                 self.db.executemany(f"DELETE FROM descriptors_{dim} WHERE rowid = ?", [(r,) for r in rowids])
             self.db.commit()
+
+
+# --- PostgreSQL: pgvector ------------------------------------------------------------------------------
+
+PG_SYNC_SLACK = timedelta(minutes=5)     # records stored this long before the last sync are looked at again
+PG_EF_SEARCH_MIN = 100                   # HNSW candidates per search (pgvector's default is 40)
+
+
+def _vector_literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(vector, np.float32)) + "]"
+
+
+class PgVectorIndex:
+    """Descriptors in pgvector tables of the records database (see the module docstring).
+
+    `sync` reads the flagged records stored since its last watermark (less `PG_SYNC_SLACK`, for transactions
+    that committed late) that no table holds yet; several processes may sync at once. Raises
+    `sqlalchemy.exc.SQLAlchemyError` when the extension cannot be created (not installed, or no privilege).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        with engine.begin() as conn:
+            conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_records_stored_at ON records (stored_at)"))
+            conn.execute(text("CREATE TABLE IF NOT EXISTS descriptor_sync "
+                              "(id integer PRIMARY KEY CHECK (id = 1), stored_until timestamp NOT NULL)"))
+            conn.execute(text("CREATE TABLE IF NOT EXISTS descriptor_dims (dim integer PRIMARY KEY)"))
+        self.dims = self._known_dims()
+
+    def _known_dims(self) -> set[int]:
+        with self.engine.connect() as conn:
+            return {row[0] for row in conn.execute(text("SELECT dim FROM descriptor_dims"))}
+
+    def close(self) -> None:
+        """The engine is the record store's; nothing of its own to close."""
+
+    def __len__(self) -> int:
+        with self.engine.connect() as conn:
+            return sum(conn.execute(text(f"SELECT count(*) FROM descriptor_vectors_{dim}")).scalar_one()
+                       for dim in self._known_dims())
+
+    def _table(self, conn, dim: int) -> str:
+        name = f"descriptor_vectors_{dim}"
+        if dim not in self.dims:
+            conn.execute(text(f"CREATE TABLE IF NOT EXISTS {name} ("
+                              "frame_id varchar(200) PRIMARY KEY REFERENCES records (frame_id) ON DELETE CASCADE, "
+                              f"product varchar(100) NOT NULL, embedding vector({dim}) NOT NULL)"))
+            conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name}_hnsw ON {name} "
+                              "USING hnsw (embedding vector_cosine_ops)"))
+            conn.execute(text("INSERT INTO descriptor_dims (dim) VALUES (:dim) ON CONFLICT DO NOTHING"), {"dim": dim})
+            self.dims.add(dim)
+        return name
+
+    def sync(self, engine=None) -> int:
+        """Add the descriptors of flagged records stored since the last sync; returns how many."""
+        added = 0
+        with self.lock, self.engine.begin() as conn:
+            self.dims |= {row[0] for row in conn.execute(text("SELECT dim FROM descriptor_dims"))}
+            until = conn.execute(text("SELECT stored_until FROM descriptor_sync WHERE id = 1")).scalar()
+            query = (select(records.c.frame_id, records.c.product, records.c.descriptor, records.c.stored_at)
+                     .where(records.c.kind == "flagged", records.c.descriptor.is_not(None)))
+            if until is not None:
+                query = query.where(records.c.stored_at >= until - PG_SYNC_SLACK)
+            for dim in sorted(self.dims):
+                query = query.where(text(f"NOT EXISTS (SELECT 1 FROM descriptor_vectors_{dim} d "
+                                         "WHERE d.frame_id = records.frame_id)"))
+            newest = until
+            for frame_id, product, descriptor, stored_at in conn.execute(query).all():
+                newest = stored_at if newest is None else max(newest, stored_at)
+                vector = np.frombuffer(descriptor, dtype="<f2").astype(np.float32)
+                if not (vector.size and np.isfinite(vector).all() and np.any(vector)):
+                    continue
+                conn.execute(text(f"INSERT INTO {self._table(conn, vector.size)} (frame_id, product, embedding) "
+                                  "VALUES (:frame_id, :product, CAST(:embedding AS vector)) ON CONFLICT DO NOTHING"),
+                             {"frame_id": frame_id, "product": product, "embedding": _vector_literal(vector)})
+                added += 1
+            if newest is not None and newest != until:
+                conn.execute(text("INSERT INTO descriptor_sync (id, stored_until) VALUES (1, :t) "
+                                  "ON CONFLICT (id) DO UPDATE SET stored_until = excluded.stored_until"), {"t": newest})
+        return added
+
+    def nearest(self, vector: np.ndarray, product: str | None, k: int) -> list[tuple[str, str, float]]:
+        """The k indexed descriptors nearest to `vector` (cosine), best first: (frame_id, frame_id, similarity)."""
+        vector = np.asarray(vector, np.float32)
+        if vector.size not in self.dims:
+            return []
+        where = "WHERE product = :product " if product is not None else ""
+        with self.engine.begin() as conn:
+            # HNSW filters by product after the graph search: ask for enough candidates to keep k of them
+            conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(PG_EF_SEARCH_MIN, 8 * int(k))}"))
+            rows = conn.execute(text(f"SELECT frame_id, embedding <=> CAST(:v AS vector) AS distance "
+                                     f"FROM descriptor_vectors_{vector.size} {where}"
+                                     "ORDER BY embedding <=> CAST(:v AS vector) LIMIT :k"),
+                                {"v": _vector_literal(vector), "product": product, "k": int(k)}).all()
+        return [(frame_id, frame_id, 1.0 - float(distance)) for frame_id, distance in rows]
+
+    def forget(self, keys: list[str]) -> None:
+        """Nothing to do: rows of deleted records go with them (ON DELETE CASCADE)."""

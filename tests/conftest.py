@@ -1,6 +1,8 @@
-"""Shared fixtures: one real embedded stack (Tansu broker + influxd) per test session, on free ports.
+"""Shared fixtures: one real embedded stack (Tansu broker + influxd) per test session, on free ports, and a
+real PostgreSQL (with pgvector, from the `pgserver` wheel) when a test asks for one.
 
-Every test that touches Kafka gets its own topic prefix, so tests never see each other's messages.
+Every test that touches Kafka gets its own topic prefix, so tests never see each other's messages; every
+test that asks for PostgreSQL gets a database of its own.
 """
 
 from __future__ import annotations
@@ -43,6 +45,33 @@ def settings(stack, request):
                                   influx_url=stack.influx_url, topic_prefix=prefix)
     asyncio.run(ensure_topics(test_settings))
     return test_settings
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL 16 server with the pgvector extension (the `pgserver` wheel: its own binaries, a unix
+    socket in the data folder), started once for the session and stopped at its end."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A SQLAlchemy URL (psycopg 3) of a fresh database of this test's own."""
+    name = f"lineguard_{next(_prefixes)}"
+    postgres_server.psql(f"CREATE DATABASE {name};")
+    return postgres_server.get_uri(name).replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records_url(request, tmp_path):
+    """The records database URL, once for SQLite (the embedded default) and once for a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'records.sqlite'}"
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

@@ -363,13 +363,13 @@ def test_full_disk_gives_clear_error_and_no_commit(settings, tmp_path):
         subprocess.run(["umount", str(mount_point)], check=False)
 
 
-def test_retention_purges_old_unlabelled_records_and_their_artifacts(tmp_path):
+def test_retention_purges_old_unlabelled_records_and_their_artifacts(tmp_path, records_url):
     from datetime import UTC, datetime
 
     from storage.artifacts import LocalArtifactStore
     from storage.records import PendingRecord, SaveBatch
 
-    store = RecordStore(f"sqlite:///{tmp_path}/r.db", LocalArtifactStore(tmp_path / "a"))
+    store = RecordStore(records_url, LocalArtifactStore(tmp_path / "a"))
     now = datetime.now(UTC)
     old = make_verdicts(3, start=now - timedelta(days=40), defect_rate=1.0, prefix="old")
     fresh = make_verdicts(2, start=now - timedelta(days=1), defect_rate=1.0, prefix="new")
@@ -391,13 +391,13 @@ def test_retention_purges_old_unlabelled_records_and_their_artifacts(tmp_path):
         store.close()
 
 
-def test_a_verdict_resent_under_a_new_offset_counts_once_across_a_restart(tmp_path):
+def test_a_verdict_resent_under_a_new_offset_counts_once_across_a_restart(tmp_path, records_url):
     """An inference worker that crashed after publishing re-publishes the same frame's verdict at a new
     offset; a recorder restarted in between (its memory of recent frame_ids gone) still counts it once."""
     from storage.artifacts import open_artifact_store
     from storage.records import Counted, SaveBatch
 
-    url = f"sqlite:///{tmp_path / 'records.sqlite'}"
+    url = records_url
     verdicts = make_verdicts(6, start=minute_ago(5), defect_rate=0.5, prefix="resent")
     first = RecordStore(url, open_artifact_store(str(tmp_path / "artifacts")))
     first.save(SaveBatch(counted=[Counted("lineguard.verdicts", 0, i, v) for i, v in enumerate(verdicts)]))
