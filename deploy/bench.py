@@ -571,7 +571,8 @@ def write_benchmarks(output: Path, quick: bool = False, echo=print) -> None:
                 ("storage", "storage.bench", "markdown_section"),
                 ("memory", "deploy.memory_bench", "markdown_section"),
                 ("dialogue", "dialogue.bench", "markdown_section"),
-                ("training", "training.bench", "markdown_section")]
+                ("training", "training.bench", "markdown_section"),
+                ("lvlm", "training.bench", "lvlm_section")]
     for name, module, function in sections:
         try:
             section = getattr(__import__(module, fromlist=[function]), function)

@@ -42,7 +42,7 @@ def ensure_simulator_references(settings: Settings, size: int = 256) -> list[str
 
     They go through the same JPEG encoding as the published frames, as a camera's references would.
     """
-    store = ReferenceStore(settings.state_dir)
+    store = ReferenceStore.from_settings(settings)
     simulator = LineSimulator(size=size)
     added = []
     for product in PRODUCTS:

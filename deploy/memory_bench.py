@@ -51,7 +51,7 @@ def run_worker_on(settings: Settings, stream: FrameStream, timeout_s: float = 60
                               "LINEGUARD_STATE_DIR": str(settings.state_dir), "LINEGUARD_LOG_JSON": "1"}
     log_path = settings.state_dir / f"infer-{settings.topic_prefix}log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port),
+        worker = subprocess.Popen([sys.executable, "-m", "deploy", "infer", "--http-port", str(port),
                                    "--no-text", "--group-id", f"{settings.topic_prefix}workers"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
     samples: list[int] = []

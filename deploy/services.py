@@ -34,7 +34,7 @@ class Services:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.state_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "lineguard", *args], stdout=log_file,
+            process = subprocess.Popen([sys.executable, "-m", "deploy", *args], stdout=log_file,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
                                        start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
         self.children[name] = process

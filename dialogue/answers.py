@@ -286,8 +286,12 @@ class LvlmAnswerer:
     """
 
     def __init__(self, model, reference_store, artifacts, cache_size: int = 64, history_turns: int = 1,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, adapters: Callable[[], tuple[str, bytes] | None] | None = None,
+                 adapters_every_s: float = 60.0):
         self.model = model
+        self.adapters = adapters       # the live trained LVLM adapters (the registry's), looked up once a minute
+        self.adapters_every_s = adapters_every_s
+        self._adapters_checked = -1e9
         self.references = reference_store
         self.artifacts = artifacts
         self.history_turns = history_turns
@@ -324,7 +328,23 @@ class LvlmAnswerer:
         return self._thread.submit(fn, *args).result()
 
     def _load_llm(self) -> None:
+        self._refresh_adapters()
         self.model.lvlm  # noqa: B018 - builds the LLM
+
+    def _refresh_adapters(self) -> None:
+        """Follow the registry's live LVLM adapters (`lineguard train lvlm`, `models promote/rollback`)."""
+        if self.adapters is None or time.monotonic() - self._adapters_checked < self.adapters_every_s:
+            return
+        self._adapters_checked = time.monotonic()
+        try:
+            live = self.adapters()
+            version = live[0] if live else None
+            current = self.model.lvlm_adapters[0] if self.model.lvlm_adapters else None
+            if version != current:
+                self.model.use_lvlm_adapters(version, live[1] if live else None)
+                log.info("lvlm_adapters_loaded", version=version or "untrained")
+        except Exception as exc:  # noqa: BLE001 - answers go on with the adapters the model has
+            log.warning("lvlm_adapters_not_loaded", error=str(exc).splitlines()[0][:200])
 
     def _load_product(self, product: str) -> None:
         if product in self.model.products():
@@ -370,6 +390,7 @@ class LvlmAnswerer:
 
     def _answer(self, record: InspectionRecord, verdict: ModelVerdict, question: str,
                 history: list[tuple[str, str]]) -> str:
+        self._refresh_adapters()
         scored = self._scored_frame(record, verdict)
         return self.model.answer([scored], [question], [history], max_new_tokens=self.max_new_tokens)[0]
 

@@ -175,11 +175,14 @@ def create_app(settings: Settings, dialogue_settings: DialogueSettings,
     free_form = None
     if dialogue_settings.answerer == "lvlm":
         from inference.references import ReferenceStore
+        from inference.registry import ModelRegistry
 
+        registry = ModelRegistry(store.url, store.artifacts)
         free_form = LvlmAnswerer(model if model is not None else _lazy_model(dialogue_settings),
-                                 ReferenceStore(settings.state_dir), store.artifacts,
+                                 ReferenceStore.from_settings(settings), store.artifacts,
                                  history_turns=dialogue_settings.llm_history_turns,
-                                 max_new_tokens=dialogue_settings.llm_max_new_tokens)
+                                 max_new_tokens=dialogue_settings.llm_max_new_tokens,
+                                 adapters=registry.live_adapters)
     service = Service(settings=settings, dialogue=dialogue_settings, store=store, tokens=tokens,
                       limiter=RateLimiter(dialogue_settings.rate_limit_per_minute, dialogue_settings.rate_limit_burst),
                       answerer=Answerer(store, similar_k=dialogue_settings.similar_k, free_form=free_form),

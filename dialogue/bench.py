@@ -161,7 +161,7 @@ class Service:
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = log_path.open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "lineguard", "dialogue", "--host", "127.0.0.1",
+        self.process = subprocess.Popen([sys.executable, "-m", "deploy", "dialogue", "--host", "127.0.0.1",
                                          "--port", str(self.port)], env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
 

@@ -1,7 +1,8 @@
-"""Typer commands of the dialogue room; `lineguard/cli.py` registers them as `lineguard dialogue ...`.
+"""Typer commands of the dialogue room: `lineguard dialogue ...` and `lineguard bench dialogue`; `deploy/app.py`
+registers them with `register`.
 
-Only typer is imported at module level, so `lineguard --help` stays fast. `lineguard/cli.py` wraps both
-commands in its `cli_command` (a bad setting or an unreadable store: one `error: ...` line, exit 2 or 1).
+Only typer is imported at module level, so `lineguard --help` stays fast. `register` wraps every command in
+`lineguard.cli.cli_command` (a bad setting or an unreadable store: one `error: ...` line, exit 2 or 1).
 
     lineguard dialogue --port 8080                              # serve the API and the console
     lineguard dialogue token --role operator --name alice       # print a new token once, store its hash
@@ -9,7 +10,12 @@ commands in its `cli_command` (a bad setting or an unreadable store: one `error:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+from lineguard.cli import cli_command, cli_settings
 
 
 def _settings(**overrides):
@@ -60,3 +66,31 @@ def token_command(
         raise typer.BadParameter(str(exc), param_hint="--name") from None
     typer.echo(f"{role} token for {name} stored (hashed) in {path}; it is shown only now:", err=True)
     typer.echo(token)
+
+
+def bench_dialogue_command(
+    frames: int = typer.Option(48, min=16, help="Simulated frames through the worker and recorder."),
+    fact_questions: int = typer.Option(280, min=7, help="Fact questions per phase (1 and 8 operators)."),
+    llm_questions: int = typer.Option(8, min=1, help="Free-form (LLM) questions with 1 operator (8 ops: ≥ 16)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    output: Path = typer.Option(None, help="Also put the markdown section into this file (BENCHMARKS.md)."),
+) -> None:
+    """Answers/s and p50/p99 latency of the dialogue service, fact vs LLM answers, 1 vs 8 operators."""
+    from dialogue.bench import dialogue_benchmark, markdown_section, write_section
+
+    cli_settings()
+    result = dialogue_benchmark(frames=frames, fact_questions=fact_questions, llm_questions=llm_questions)
+    typer.echo(json.dumps(result) if as_json else markdown_section(result))
+    if output is not None:
+        write_section(output, result)
+        typer.echo(f"wrote the dialogue section of {output}", err=True)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Add the dialogue room's commands to the `lineguard` app (`bench`: its `bench` group)."""
+    bench.command("dialogue")(cli_command(bench_dialogue_command))
+    dialogue = typer.Typer(help="The operator dialogue service: API + console (FastAPI, uvicorn).",
+                           invoke_without_command=True)
+    dialogue.callback()(cli_command(serve_command))
+    dialogue.command("token")(cli_command(token_command))
+    app.add_typer(dialogue, name="dialogue")

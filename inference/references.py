@@ -1,13 +1,24 @@
-"""Durable store of each product's normal reference images, under `<state_dir>/references/`.
+"""Each product's normal reference images: in the shared artifact store, cached under `<state_dir>/references/`.
 
-    <state_dir>/references/<product>/<sha256[:16]>.png    the images, lossless
-    <state_dir>/references/<product>/manifest.json        [{file, source, width, height, added_at}]
-    <state_dir>/references/<product>/config.json          {"tiles": "3x3", "overlap": 0.125} (optional)
+    references/<product>/<sha256[:16]>.png    the images, lossless
+    references/<product>/manifest.json        [{file, source, width, height, added_at}]
+    references/<product>/config.json          {"tiles": "3x3", "overlap": 0.125} (optional)
+    references/index.json                     the products (shared store only)
 
-Workers load every product at start and reload one product when a `references_changed`
-ModelUpdate names it. Writes are atomic (temp file + rename), so a worker never reads half a file.
+Where they live:
+- **shared** (`ReferenceStore.from_settings`): the artifact store every service reaches (a directory, or S3 /
+  MinIO: `LINEGUARD_STORE_ARTIFACTS`), so a worker on another machine, given only the bootstrap servers, the
+  database URL and the artifact store URL, serves every product. `lineguard refs add` writes there once;
+  workers reload a product when a `references_changed` ModelUpdate names it;
+- **cache**: `<state_dir>/references/` on each machine holds what it loaded. A read fetches the small manifest
+  and config, and only the images the cache lacks; when the shared store cannot be reached, the cache serves
+  (a restart needs no network when nothing changed). Without a shared store (`ReferenceStore(state_dir)`) the
+  local folder is the store itself, as before.
 
-    >>> store = ReferenceStore(Path(".lineguard"))
+Writes are atomic (temp file + rename, or one object per put), so a reader never sees half a file; the manifest
+is written after the images it names.
+
+    >>> store = ReferenceStore.from_settings(settings)
     >>> store.add("bottle", [Path("good_000.png")])
     >>> images = store.load("bottle")
 """
@@ -24,7 +35,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lineguard.artifacts import ArtifactStore, StorageError, open_artifact_store
+from lineguard.logging import get_logger
+
 from .model.tiles import NO_TILES, Tiling
+
+log = get_logger(__name__)
 
 PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -50,25 +66,96 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class ReferenceStore:
-    def __init__(self, state_dir: Path):
-        self.root = Path(state_dir) / "references"
+    def __init__(self, state_dir: Path, shared: ArtifactStore | None = None):
+        self.root = Path(state_dir) / "references"       # the store itself, or the cache of the shared one
+        self.shared = shared
+
+    @classmethod
+    def from_settings(cls, settings) -> ReferenceStore:
+        """The shared store of these settings (`artifacts_location()`), cached under their state dir."""
+        return cls(settings.state_dir, open_artifact_store(settings.artifacts_location()))
 
     def _dir(self, product: str) -> Path:
         if not PRODUCT_NAME.match(product):
             raise ReferenceError(f"invalid product name {product!r}: use letters, digits, '_', '-', '.'")
         return self.root / product
 
+    # -- the shared store ------------------------------------------------------------------------------
+    def _fetch(self, key: str) -> bytes | None:
+        """The shared object `references/<key>`, or None when it is missing or the store cannot be reached."""
+        if self.shared is None:
+            return None
+        try:
+            return self.shared.get(self.shared.uri_of(f"references/{key}"))
+        except StorageError:
+            return None
+
+    def _publish(self, key: str, data: bytes) -> None:
+        if self.shared is not None:
+            try:
+                self.shared.put(f"references/{key}", data)
+            except StorageError as exc:
+                raise ReferenceError(f"cannot write the shared references ({self.shared.root}): {exc}") from exc
+
+    def _cached(self, product: str, name: str) -> Path:
+        """The cache file `name` of `product`, refreshed from the shared store when it has one."""
+        path = self._dir(product) / name
+        data = self._fetch(f"{product}/{name}")
+        if data is not None and (not path.exists() or path.read_bytes() != data):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+        return path
+
+    # -- reads -----------------------------------------------------------------------------------------
     def manifest(self, product: str) -> list[ReferenceInfo]:
-        path = self._dir(product) / "manifest.json"
+        path = self._cached(product, "manifest.json")
         if not path.exists():
             return []
         return [ReferenceInfo(**entry) for entry in json.loads(path.read_text())]
 
     def products(self) -> list[str]:
-        if not self.root.exists():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").exists())
+        local = sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").exists()) \
+            if self.root.exists() else []
+        index = self._fetch("index.json")
+        shared = set(json.loads(index)) if index else set()
+        # cached products the shared index lacks: written before there was a shared store, or removed since
+        # (their manifest, refreshed from the shared store, is then empty)
+        return sorted(shared | {p for p in local if p in shared or self.manifest(p)})
 
+    def tiling(self, product: str) -> Tiling:
+        """How the product's frames are inspected: whole (1x1, the default) or in tiles (tiles.py)."""
+        path = self._cached(product, "config.json")
+        if path.exists() and self.shared is not None and self._fetch(f"{product}/config.json") is None \
+                and self._fetch(f"{product}/manifest.json") is not None:
+            path.unlink(missing_ok=True)    # the shared store answers and has no config: whole frames again
+        if not path.exists():
+            return NO_TILES
+        try:
+            config = json.loads(path.read_text())
+            return Tiling.parse(config.get("tiles", "1x1"), float(config.get("overlap", NO_TILES.overlap)))
+        except (ValueError, AttributeError) as exc:
+            raise ReferenceError(f"{path}: {exc}") from None
+
+    def load(self, product: str) -> list[np.ndarray]:
+        """The product's reference images (BGR), in the order they were added; images the cache lacks are
+        fetched from the shared store once."""
+        folder = self._dir(product)
+        images = []
+        for entry in self.manifest(product):
+            path = folder / entry.file
+            if not path.exists():
+                data = self._fetch(f"{product}/{entry.file}")
+                if data is None:
+                    raise ReferenceError(f"reference image {product}/{entry.file} is neither cached in {folder} "
+                                         "nor readable from the shared store")
+                _atomic_write(path, data)
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise ReferenceError(f"reference image is unreadable: {path}")
+            images.append(image)
+        return images
+
+    # -- writes ----------------------------------------------------------------------------------------
     def add_images(self, product: str, images: list[tuple[str, np.ndarray]]) -> list[ReferenceInfo]:
         """Store (source, BGR image) pairs; identical pixels are stored once. Returns the new entries."""
         folder = self._dir(product)
@@ -83,14 +170,25 @@ class ReferenceStore:
             name = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()[:16] + ".png"
             if name in known:
                 continue
+            self._publish(f"{product}/{name}", png.tobytes())
             _atomic_write(folder / name, png.tobytes())
             info = ReferenceInfo(product, name, source, image.shape[1], image.shape[0],
                                  datetime.now(UTC).isoformat(timespec="seconds"))
             entries.append(info)
             added.append(info)
             known.add(name)
-        _atomic_write(folder / "manifest.json", json.dumps([e.__dict__ for e in entries], indent=2).encode())
+        self._write_manifest(product, entries)
         return added
+
+    def _write_manifest(self, product: str, entries: list[ReferenceInfo]) -> None:
+        data = json.dumps([e.__dict__ for e in entries], indent=2).encode()
+        self._publish(f"{product}/manifest.json", data)        # after the images it names
+        _atomic_write(self._dir(product) / "manifest.json", data)
+        if self.shared is not None:
+            index = set(json.loads(self._fetch("index.json") or b"[]"))
+            changed = index | {product} if entries else index - {product}
+            if changed != index:
+                self._publish("index.json", json.dumps(sorted(changed)).encode())
 
     def add(self, product: str, paths: list[Path]) -> list[ReferenceInfo]:
         """Read image files (any OpenCV format, greyscale or colour) and store them."""
@@ -109,36 +207,19 @@ class ReferenceStore:
     def remove(self, product: str) -> int:
         folder = self._dir(product)
         entries = self.manifest(product)
+        self._write_manifest(product, [])
+        if self.shared is not None:
+            for name in [e.file for e in entries] + ["config.json"]:
+                self.shared.delete(self.shared.uri_of(f"references/{product}/{name}"))
         for entry in entries:
             (folder / entry.file).unlink(missing_ok=True)
         (folder / "manifest.json").unlink(missing_ok=True)
         (folder / "config.json").unlink(missing_ok=True)
         return len(entries)
 
-    def tiling(self, product: str) -> Tiling:
-        """How the product's frames are inspected: whole (1x1, the default) or in tiles (tiles.py)."""
-        path = self._dir(product) / "config.json"
-        if not path.exists():
-            return NO_TILES
-        try:
-            config = json.loads(path.read_text())
-            return Tiling.parse(config.get("tiles", "1x1"), float(config.get("overlap", NO_TILES.overlap)))
-        except (ValueError, AttributeError) as exc:
-            raise ReferenceError(f"{path}: {exc}") from None
-
     def set_tiling(self, product: str, tiling: Tiling) -> None:
         folder = self._dir(product)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "config.json",
-                      json.dumps({"tiles": str(tiling), "overlap": tiling.overlap}, indent=2).encode())
-
-    def load(self, product: str) -> list[np.ndarray]:
-        """The product's reference images (BGR), in the order they were added."""
-        folder = self._dir(product)
-        images = []
-        for entry in self.manifest(product):
-            image = cv2.imread(str(folder / entry.file), cv2.IMREAD_COLOR)
-            if image is None:
-                raise ReferenceError(f"reference image is unreadable: {folder / entry.file}")
-            images.append(image)
-        return images
+        data = json.dumps({"tiles": str(tiling), "overlap": tiling.overlap}, indent=2).encode()
+        self._publish(f"{product}/config.json", data)
+        _atomic_write(folder / "config.json", data)

@@ -49,6 +49,7 @@ from .model.verdict import Calibration
 
 BUNDLE_FORMAT = 1
 STATUSES = ("candidate", "rejected", "live", "retired")
+LVLM_PRODUCT = "lvlm"    # versions of the LVLM's trained adapters (one set serves every product; training/lvlm.py)
 
 metadata = MetaData()
 model_versions = Table(
@@ -177,6 +178,18 @@ class ModelRegistry:
                                                             model_versions.c.status == "live")).first()
         return _version(row) if row else None
 
+    def bundle(self, version: str) -> bytes:
+        """The stored bytes of a version (a product state's bundle, or the LVLM's adapters)."""
+        try:
+            return self.artifacts.get(self.get(version).bundle_uri)
+        except StorageError as exc:
+            raise RegistryError(f"the bundle of {version} cannot be read: {exc}") from exc
+
+    def live_adapters(self) -> tuple[str, bytes] | None:
+        """(version, weights) of the live LVLM adapters, or None (the LVLM runs untrained adapters)."""
+        live = self.live(LVLM_PRODUCT)
+        return (live.version, self.bundle(live.version)) if live else None
+
     def load_state(self, version: str, device: torch.device | str = "cpu"):
         found = self.get(version)
         try:
@@ -204,7 +217,9 @@ class ModelRegistry:
 
     # -- writes ----------------------------------------------------------------------------------------
     def register(self, product: str, state, model_code: str, *, parent: str | None, metrics: dict,
-                 lineage: dict, status: str = "candidate", note: str = "") -> ModelVersion:
+                 lineage: dict, status: str = "candidate", note: str = "", bundle: bytes | None = None) -> ModelVersion:
+        """A new version of `product`: its state saved as a bundle (or `bundle` as given: the LVLM's adapters,
+        which are no product's state) and a row of the index table."""
         if status not in ("candidate", "rejected"):
             raise ValueError("a new version is a candidate or rejected; promote it to make it live")
         with self.engine.begin() as conn:
@@ -212,7 +227,8 @@ class ModelRegistry:
                                 .order_by(model_versions.c.number.desc())).first()
             number = (last[0] if last else 0) + 1
             version = f"{product}.v{number:04d}"
-            uri = self.artifacts.put(f"registry/{product}/{version}.pt", state_bytes(state))
+            uri = self.artifacts.put(f"registry/{product}/{version}.pt",
+                                     bundle if bundle is not None else state_bytes(state))
             conn.execute(model_versions.insert().values(
                 version=version, product=product, number=number, status=status, parent=parent,
                 model_code=model_code, bundle_uri=uri, metrics=json.dumps(metrics), lineage=json.dumps(lineage),

@@ -43,6 +43,7 @@ from inference.budget import MemoryBudget
 from inference.offsets import OffsetTracker
 from inference.outputs import heatmap_png, heatmap_side, overlay_jpeg
 from inference.references import ReferenceStore
+from inference.registry import LVLM_PRODUCT
 from inference.telemetry import WorkerMetrics
 from lineguard.events import (
     BadFrame,
@@ -161,7 +162,7 @@ class InferenceWorker:
         self.model = model
         self.config = config or WorkerConfig()
         self.metrics = metrics or WorkerMetrics()
-        self.references = ReferenceStore(settings.state_dir)
+        self.references = ReferenceStore.from_settings(settings)
         self.tracker = OffsetTracker()
         self.budget = MemoryBudget(settings.worker_memory_mb * 2**20)
         self._canaries: dict[str, np.ndarray] = {}   # product → a reference image: is the model itself broken?
@@ -683,7 +684,13 @@ class InferenceWorker:
             await consumer.stop()
 
     async def _model_released(self, product: str, version: str | None) -> None:
-        """Load a released version (None: back to the references alone) for the next batch boundary."""
+        """Load a released version (None: back to the references alone) for the next batch boundary. A release
+        of the LVLM's adapters (training/lvlm.py) is kept for the model's LLM answers."""
+        if product == LVLM_PRODUCT:
+            weights = None if version is None else await asyncio.to_thread(self.registry.bundle, version)
+            self.model.use_lvlm_adapters(version, weights)
+            log.info("lvlm_adapters_released", version=version or "untrained")
+            return
         if version is None:
             images = await asyncio.to_thread(self.references.load, product)
             if not images:

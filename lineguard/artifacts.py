@@ -47,6 +47,8 @@ class ArtifactStore(Protocol):
 
     def delete(self, uri: str) -> None: ...
 
+    def uri_of(self, key: str) -> str: ...
+
 
 def _reason(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "")
@@ -82,6 +84,10 @@ class LocalArtifactStore:
             raise ArtifactStoreError(f"cannot write artifact {path} (LINEGUARD_STORE_ARTIFACTS={self.root}): "
                                      f"{_reason(exc)}") from exc
         return path.as_uri()
+
+    def uri_of(self, key: str) -> str:
+        """The URI `put(key, ...)` returns, without writing anything."""
+        return self._path(key).as_uri()
 
     def _from_uri(self, uri: str) -> Path:
         if uri.startswith("file://"):
@@ -132,6 +138,10 @@ class S3ArtifactStore:
         except Exception as exc:  # botocore raises many types; all mean "not stored"
             raise ArtifactStoreError(f"cannot write artifact s3://{self.bucket}/{object_key}: {exc}") from exc
         return f"s3://{self.bucket}/{object_key}"
+
+    def uri_of(self, key: str) -> str:
+        """The URI `put(key, ...)` returns, without writing anything."""
+        return f"s3://{self.bucket}/{self._key(key)}"
 
     def get(self, uri: str) -> bytes:
         parsed = urllib.parse.urlparse(uri)

@@ -1,4 +1,4 @@
-"""Typer command functions of the storage room; `lineguard/cli.py` registers them.
+"""Typer commands of the storage room; `register` adds them to the app deploy/app.py assembles.
 
 Only typer is imported at module level, so `lineguard --help` stays fast; each command imports
 its modules when it runs. Errors a user can act on (a full disk, an unreachable Grafana, a missing
@@ -177,3 +177,25 @@ def bench_store_command(
     if output is not None:
         update_benchmarks_file(output, markdown_section(result))
         typer.echo(f"wrote the storage section of {output}", err=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from storage.artifacts import StorageError
+
+    return (StorageError,)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Add the storage room's commands to the `lineguard` app (`bench`: its `bench` group): stats, store,
+    records, grafana push/generate, bench store."""
+    from lineguard.cli import add_user_errors, cli_command
+
+    add_user_errors(_user_errors)
+    app.command("stats")(cli_command(stats_command))
+    app.command("store")(cli_command(store_command))
+    app.command("records")(cli_command(records_command))
+    grafana = typer.Typer(help="Grafana: dashboards as code, datasource and dashboards push.", no_args_is_help=True)
+    grafana.command("push")(cli_command(grafana_push_command))
+    grafana.command("generate")(cli_command(grafana_generate_command))
+    app.add_typer(grafana, name="grafana")
+    bench.command("store")(cli_command(bench_store_command))

@@ -14,7 +14,7 @@ from deploy.bench import stream_section
 
 def test_bench_stream_prints_one_json_object_and_loses_nothing(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "LINEGUARD_STATE_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-m", "lineguard", "bench", "stream", "--frames", "16", "--json"],
+    run = subprocess.run([sys.executable, "-m", "deploy", "bench", "stream", "--frames", "16", "--json"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -35,7 +35,7 @@ def test_bench_gpu_refuses_to_run_without_a_cuda_device(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "LINEGUARD_STATE_DIR": str(tmp_path)}
     output = tmp_path / "BENCHMARKS.md"
     output.write_text("# Benchmarks\n")
-    run = subprocess.run([sys.executable, "-m", "lineguard", "bench", "gpu", "--output", str(output)],
+    run = subprocess.run([sys.executable, "-m", "deploy", "bench", "gpu", "--output", str(output)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode != 0 and "--device" in run.stderr and "no CUDA device" in run.stderr
     assert output.read_text() == "# Benchmarks\n"

@@ -26,12 +26,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lineguard.cli import app
+from deploy.app import app
 from lineguard.events import decode_frame
 from lineguard.topics import FRAMES, TOPICS
 from tests.helpers import read_topic_sync
 
-LINEGUARD = [sys.executable, "-m", "lineguard"]
+LINEGUARD = [sys.executable, "-m", "deploy"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

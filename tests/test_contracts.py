@@ -81,7 +81,7 @@ def test_dead_letter_carries_payload_and_reason():
 
 
 def test_schema_command_writes_every_contract(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lineguard", "schema", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "deploy", "schema", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.iterdir())

@@ -145,13 +145,13 @@ def test_an_older_records_database_gets_the_descriptor_column(tmp_path):
 
 def test_the_token_command_prints_the_token_once_and_stores_its_hash(tmp_path):
     env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_LOG_JSON": "1"}
-    result = subprocess.run([sys.executable, "-m", "lineguard", "dialogue", "token", "--role", "operator",
+    result = subprocess.run([sys.executable, "-m", "deploy", "dialogue", "token", "--role", "operator",
                              "--name", "alice"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     stored = json.loads((tmp_path / "dialogue-tokens.json").read_text())["tokens"]
     assert stored == [{"name": "alice", "role": "operator", "sha256": token_hash(token)}]
     assert token not in result.stderr
-    bad = subprocess.run([sys.executable, "-m", "lineguard", "dialogue", "token", "--role", "boss", "--name", "x"],
+    bad = subprocess.run([sys.executable, "-m", "deploy", "dialogue", "token", "--role", "boss", "--name", "x"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--role" in bad.stderr

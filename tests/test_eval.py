@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from deploy.app import app
 from inference.eval import evaluate, parse_shots
 from ingest.simulator import LineSimulator
-from lineguard.cli import app
 from tests.test_encoders_clip import save_tiny_clip
 
 

@@ -189,7 +189,7 @@ def fake_grafana():
 
 
 def test_grafana_push_makes_exactly_the_expected_requests(fake_grafana, monkeypatch, cli_runner):
-    from lineguard.cli import app
+    from deploy.app import app
 
     monkeypatch.setenv("LINEGUARD_INFLUX_URL", "http://influx.example:8086")
     runner = cli_runner
@@ -227,7 +227,7 @@ def test_grafana_push_makes_exactly_the_expected_requests(fake_grafana, monkeypa
 
 
 def test_grafana_push_to_nowhere_is_one_clear_error(cli_runner):
-    from lineguard.cli import app
+    from deploy.app import app
 
     result = cli_runner.invoke(app, ["grafana", "push", "--url", "http://127.0.0.1:9", "--token", "t"])
     assert result.exit_code == 1

@@ -41,7 +41,7 @@ def test_hostile_stream_ends_in_one_outcome_each_with_bounded_memory(settings, t
     stream = hostile_stream(bomb)
     port = free_port()
     log = open(tmp_path / "infer.log", "wb")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port), "--no-text",
+    worker = subprocess.Popen([sys.executable, "-m", "deploy", "infer", "--http-port", str(port), "--no-text",
                                "--group-id", group(settings)], env=worker_env(settings), stdout=log,
                               stderr=subprocess.STDOUT)
     samples: list[int] = []

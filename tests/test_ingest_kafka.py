@@ -20,7 +20,7 @@ from lineguard.settings import load_settings
 from lineguard.topics import FRAMES, TOPICS
 from tests.helpers import read_topic_sync
 
-LINEGUARD = [sys.executable, "-m", "lineguard"]
+LINEGUARD = [sys.executable, "-m", "deploy"]
 
 
 def test_produce_n_simulated_frames_consume_exactly_n(settings):

@@ -55,7 +55,7 @@ def test_up_starts_and_stops_every_process(tmp_path, stop_signal):
     env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_EMBEDDED_KAFKA_PORT": "0",
                               "LINEGUARD_EMBEDDED_INFLUX_PORT": "0"}
     env.pop("LINEGUARD_KAFKA_BOOTSTRAP", None)
-    process = subprocess.Popen([sys.executable, "-m", "lineguard", "up"], env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "deploy", "up"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         stack_file = tmp_path / "stack.json"
@@ -63,7 +63,7 @@ def test_up_starts_and_stops_every_process(tmp_path, stop_signal):
         pids = info["pids"]
         assert set(pids) == {"tansu", "influxd"}
         # topics exist: lineguard topics create against it reports them as existing
-        created = subprocess.run([sys.executable, "-m", "lineguard", "topics", "create"], env=env,
+        created = subprocess.run([sys.executable, "-m", "deploy", "topics", "create"], env=env,
                                  capture_output=True, text=True, timeout=60)
         assert created.returncode == 0, created.stderr
         assert "lineguard.frames: exists" in created.stdout
@@ -112,7 +112,7 @@ def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
     env = dict(os.environ) | {"LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_EMBEDDED_KAFKA_PORT": "0",
                               "LINEGUARD_EMBEDDED_INFLUX_PORT": "0", "COLUMNS": "160"}
     env.pop("LINEGUARD_KAFKA_BOOTSTRAP", None)
-    result = subprocess.run([sys.executable, "-m", "lineguard", "demo", "--seconds", "12", "--rate", "4"],
+    result = subprocess.run([sys.executable, "-m", "deploy", "demo", "--seconds", "12", "--rate", "4"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "worker ready" in result.stderr
@@ -201,7 +201,7 @@ def _all_gone(pids, ports) -> bool:
 
 
 def _start_up(tmp_path) -> tuple[subprocess.Popen, dict]:
-    process = subprocess.Popen([sys.executable, "-m", "lineguard", "up"], env=_stack_env(tmp_path),
+    process = subprocess.Popen([sys.executable, "-m", "deploy", "up"], env=_stack_env(tmp_path),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack_file = tmp_path / "stack.json"
     info = _wait_for(lambda: stack_file.exists() and json.loads(stack_file.read_text()), 60, "stack.json")
@@ -219,7 +219,7 @@ def test_sigkill_of_up_leaves_no_server_and_frees_the_ports(tmp_path):
         # the stack file is stale now (its owner is dead): the next `up` clears it and starts on the same ports
         env = _stack_env(tmp_path) | {"LINEGUARD_EMBEDDED_KAFKA_PORT": str(_ports(info)[0]),
                                       "LINEGUARD_EMBEDDED_INFLUX_PORT": str(_ports(info)[1])}
-        again = subprocess.Popen([sys.executable, "-m", "lineguard", "up"], env=env, stderr=subprocess.PIPE,
+        again = subprocess.Popen([sys.executable, "-m", "deploy", "up"], env=env, stderr=subprocess.PIPE,
                                  text=True)
         try:
             fresh = _wait_for(lambda: (data := _stack_info(tmp_path)).get("owner_pid") == again.pid and data, 60,
@@ -238,14 +238,14 @@ def test_down_stops_a_stack_started_in_another_shell(tmp_path):
     process, info = _start_up(tmp_path)
     try:
         children = _children_of(process.pid)
-        result = subprocess.run([sys.executable, "-m", "lineguard", "down"], env=_stack_env(tmp_path),
+        result = subprocess.run([sys.executable, "-m", "deploy", "down"], env=_stack_env(tmp_path),
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert f"stopped owner pid {process.pid}" in result.stderr
         assert process.wait(10) == 0  # `up` stopped cleanly on the SIGTERM `down` sent
         _wait_for(lambda: _all_gone(children, _ports(info)), 10, "servers gone after down")
         assert not (tmp_path / "stack.json").exists()
-        again = subprocess.run([sys.executable, "-m", "lineguard", "down"], env=_stack_env(tmp_path),
+        again = subprocess.run([sys.executable, "-m", "deploy", "down"], env=_stack_env(tmp_path),
                                capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and "no embedded stack recorded" in again.stderr
     finally:
@@ -273,7 +273,7 @@ def test_stale_stack_file_with_orphaned_servers_is_cleaned_up(tmp_path):
             "owner_pid": dead_owner.pid, "kafka_bootstrap": f"127.0.0.1:{port}", "influx_url": None,
             "pids": {"tansu": orphan.pid}, "create_times": {"tansu": create_time(orphan.pid)}}))
         env = _stack_env(tmp_path) | {"LINEGUARD_EMBEDDED_KAFKA_PORT": str(port)}
-        process = subprocess.Popen([sys.executable, "-m", "lineguard", "up", "--no-influx"], env=env,
+        process = subprocess.Popen([sys.executable, "-m", "deploy", "up", "--no-influx"], env=env,
                                    stderr=subprocess.PIPE, text=True)
         try:
             _wait_for(lambda: orphan.poll() is not None, 30, "the orphaned broker stopped")
@@ -295,7 +295,7 @@ def test_a_port_held_by_another_program_is_named(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         env = _stack_env(tmp_path) | {"LINEGUARD_EMBEDDED_KAFKA_PORT": str(port)}
-        result = subprocess.run([sys.executable, "-m", "lineguard", "up", "--no-influx"], env=env,
+        result = subprocess.run([sys.executable, "-m", "deploy", "up", "--no-influx"], env=env,
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -305,7 +305,7 @@ def test_a_port_held_by_another_program_is_named(tmp_path):
 
 def test_sighup_of_demo_stops_every_service_and_server(tmp_path):
     """A closed terminal sends SIGHUP: the demo stops its services and servers; nothing is orphaned."""
-    process = subprocess.Popen([sys.executable, "-m", "lineguard", "demo", "--rate", "4"], env=_stack_env(tmp_path),
+    process = subprocess.Popen([sys.executable, "-m", "deploy", "demo", "--rate", "4"], env=_stack_env(tmp_path),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: b"worker_started" in ((tmp_path / "infer.log").read_bytes()

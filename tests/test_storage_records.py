@@ -174,7 +174,7 @@ def test_records_survive_a_crash_and_restart_idempotent(settings, tmp_path, cli_
                      "LINEGUARD_STORE_NORMAL_SAMPLE_RATE": str(SAMPLE_RATE), "LINEGUARD_STORE_JOIN_TIMEOUT_S": "30"}
     log_path = tmp_path / "store.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "lineguard", "store"], env=env, stdout=log_file,
+        process = subprocess.Popen([sys.executable, "-m", "deploy", "store"], env=env, stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     streamer = LineStreamer(settings, part2)
     try:

@@ -56,7 +56,7 @@ def test_offsets_commit_only_below_the_oldest_unfinished_frame():
 
 def start_worker_process(settings, tmp_path, name: str, port: int) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "lineguard", "infer", "--http-port", str(port), "--no-text",
+    return subprocess.Popen([sys.executable, "-m", "deploy", "infer", "--http-port", str(port), "--no-text",
                              "--group-id", group(settings)],
                             env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
 
@@ -360,7 +360,7 @@ def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_
         while dead_letters(worker) < 2:
             await asyncio.sleep(0.1)
         env = worker_env(settings)
-        added = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "lineguard", "refs", "add",
+        added = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "deploy", "refs", "add",
                                                          "--product", "gasket", *map(str, paths)],
                                         env=env, capture_output=True, text=True, timeout=120)
         assert added.returncode == 0, added.stderr
@@ -379,7 +379,7 @@ def test_refs_add_reaches_a_running_worker_without_restart(settings, model, tmp_
 
     worker = asyncio.run(asyncio.wait_for(scenario(), 180))
     assert dead_letters(worker) == 2 and worker.metrics.frames_total() == 3
-    listed = subprocess.run([sys.executable, "-m", "lineguard", "refs", "list"], env=worker_env(settings),
+    listed = subprocess.run([sys.executable, "-m", "deploy", "refs", "list"], env=worker_env(settings),
                             capture_output=True, text=True, timeout=60)
     assert "gasket\t2 image(s)" in listed.stdout
     model.states.pop("gasket", None)

@@ -101,3 +101,58 @@ def markdown_section(root: Path | None = None, shots: int = 1, seeds: int = 3) -
               "join the memory, the threshold is re-derived from the labelled scores), and every N is evaluated on "
               "the same remaining images. The baseline is N = 0, measured in the same run.\n\n"
             + "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n")
+
+
+# --- BENCHMARKS.md section "lvlm" ------------------------------------------------------------------------
+
+def lvlm_benchmark(steps: int = 240, simulated: int = 320, held_out: int = 160, llm: str | None = None,
+                   seed: int = 0) -> dict:
+    """Train the LVLM adapters on `simulated` parts and measure, with the facts withheld, the LLM's own answers
+    on `held_out` other parts before and after (training/lvlm.py)."""
+    from inference.model.lvlm import AnomalyLVLM, LvlmConfig
+    from inference.scorer import build_scorer
+    from training.lvlm import LvlmTrainConfig, measure, simulated_samples, train_adapters
+
+    started = time.perf_counter()
+    model = build_scorer(text=False)
+    lvlm = AnomalyLVLM(LvlmConfig(llm=llm), model.encoder.embed_dim, device=model.device)
+    data = simulated_samples(model, simulated + held_out, seed=seed, map_size=lvlm.config.map_size)
+    train_set, test_set = data[:simulated], data[simulated:]
+    config = LvlmTrainConfig(steps=steps, seed=seed)
+    before = measure(lvlm, test_set, config.max_new_tokens)
+    trained_at = time.perf_counter()
+    losses = train_adapters(lvlm, train_set, config)
+    seconds = time.perf_counter() - trained_at
+    after = measure(lvlm, test_set, config.max_new_tokens)
+    flagged = sum(s.verdict.is_anomalous for s in test_set)
+    return {"before": before, "after": after, "train_seconds": round(seconds, 1), "steps": steps,
+            "batch": config.batch, "simulated": simulated, "held_out": held_out, "held_out_flagged": flagged,
+            "loss_first": round(float(np.mean(losses[:10])), 3), "loss_last": round(float(np.mean(losses[-10:])), 3),
+            "device": str(model.device), "minutes": round((time.perf_counter() - started) / 60, 1)}
+
+
+def lvlm_section(result: dict | None = None, steps: int = 240) -> str:
+    from inference.bench import machine
+
+    result = result or lvlm_benchmark(steps=steps)
+    before, after = result["before"], result["after"]
+    yes_ok = after["yes_no_accuracy"] >= 90
+    pos_ok = after["position_accuracy"] >= 70
+    return (
+        "## LVLM adapters trained on simulated anomalies (`lineguard bench lvlm`)\n\n"
+        f"Machine: {machine()} ({result['device']}). Whole section: {result['minutes']:.1f} min. Command: "
+        f"`lineguard bench lvlm --steps {result['steps']} --simulated {result['simulated']} --held-out "
+        f"{result['held_out']} --json`. The image projection and the prompt learner are trained with the frozen "
+        "SmolLM2-135M's cross-entropy on AnomalyGPT's answer sentence, with the verdict's facts withheld from the "
+        f"prompt ({result['steps']} steps of {result['batch']} answers, half Yes). Measured on "
+        f"{result['held_out']} other simulated parts ({result['held_out_flagged']} flagged by the verdict): the "
+        "LLM's own greedy answers to \"Is there any anomaly in the image?\", no guard, facts withheld. The "
+        "baseline is the untrained adapters, measured in the same run.\n\n"
+        "| adapters | Yes/No agreement with the verdict | position accuracy (flagged frames) | training |\n"
+        "|---|---|---|---|\n"
+        f"| untrained (baseline) | {before['yes_no_accuracy']:.1f} % | {before['position_accuracy']:.1f} % | - |\n"
+        f"| trained | {after['yes_no_accuracy']:.1f} % | {after['position_accuracy']:.1f} % | "
+        f"{result['train_seconds']:.0f} s (loss {result['loss_first']:.2f} → {result['loss_last']:.2f}) |\n\n"
+        f"Targets: Yes/No ≥ 90 %: {'met' if yes_ok else '**missed**'}; position ≥ 70 %: "
+        f"{'met' if pos_ok else '**missed**'}. Sample answers after training: "
+        + "; ".join(f"\"{a}\"" for a in after["examples"]) + "\n")

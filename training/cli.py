@@ -1,6 +1,7 @@
-"""`lineguard bench train`: what operators' labels buy on real data (training/bench.py).
+"""The training room's commands: `lineguard train` (+ `train lvlm`), `models ...`, `bench train`, `bench lvlm`;
+`deploy/app.py` registers them with `register`. Torch loads only when a command runs.
 
-Registered in lineguard/cli.py; torch loads only when it runs.
+`lineguard bench train`: what operators' labels buy on real data (training/bench.py).
 
     lineguard bench train --data ../shared/datasets/mpdd/metal_plate --shots 1 --labels 10,20,50 --json
 """
@@ -12,6 +13,8 @@ import math
 from pathlib import Path
 
 import typer
+
+from lineguard.cli import add_user_errors, cli_command
 
 
 def bench_train_command(
@@ -160,3 +163,97 @@ def _release(product: str, version: str | None) -> None:
     from training.train import release
 
     release(load_settings(), product, version)
+
+
+# --- lineguard train lvlm / bench lvlm --------------------------------------------------------------
+
+def train_lvlm_command(
+    steps: int = typer.Option(240, "--steps", min=1, help="optimiser steps"),
+    simulated: int = typer.Option(320, "--simulated", min=8, help="simulated parts to train on"),
+    held_out: int = typer.Option(160, "--held-out", min=8, help="simulated parts to measure on"),
+    llm: str = typer.Option(None, "--llm", help="local HF model folder or .gguf (default: SmolLM2-135M GGUF)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="train and measure; register and promote nothing"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+) -> None:
+    """Train the LVLM's adapters (image projection, prompt learner) on simulated anomalies plus labelled frames,
+    with the frozen LLM's cross-entropy on the answer sentence; promote them (a registry version of `lvlm`)
+    when, with the verdict's facts withheld, they agree with the verdicts at least as well as the live ones."""
+    import sys
+    from dataclasses import asdict
+
+    from lineguard.settings import load_settings
+    from storage.settings import load_storage_settings
+    from training.lvlm import LvlmTrainConfig, train_lvlm
+
+    config = LvlmTrainConfig(steps=steps)
+
+    def run(progress):
+        return train_lvlm(load_settings(), load_storage_settings(), llm=llm, config=config, simulated=simulated,
+                          held_out=held_out, dry_run=dry_run, progress=progress)
+
+    if sys.stderr.isatty():
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("training the LVLM adapters", total=steps)
+            result = run(lambda step, loss: bar.update(task, completed=step + 1,
+                                                       description=f"training the LVLM adapters (loss {loss:.3f})"))
+    else:
+        result = run(None)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "losses"}, default=str))
+        return
+    typer.echo(f"lvlm: {result.decision}" + (f" {result.version}" if result.version else "")
+               + f" ({result.samples} samples, {result.labelled} labelled; {result.train_seconds:.0f} s)")
+    for name, figures in (("live", result.current), ("trained", result.candidate)):
+        typer.echo(f"  {name:<8} yes/no {figures['yes_no_accuracy']:.1f} %  "
+                   f"position {figures['position_accuracy']:.1f} % (facts withheld)")
+    for reason in result.reasons:
+        typer.echo(f"  - {reason}")
+
+
+def bench_lvlm_command(
+    steps: int = typer.Option(240, "--steps", min=1, help="optimiser steps"),
+    simulated: int = typer.Option(320, "--simulated", min=8, help="simulated parts to train on"),
+    held_out: int = typer.Option(160, "--held-out", min=8, help="simulated parts to measure on"),
+    llm: str = typer.Option(None, "--llm", help="local HF model folder or .gguf (default: SmolLM2-135M GGUF)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+) -> None:
+    """What the trained soft tokens carry: the LLM's own answers with the facts withheld, before and after
+    training, on simulated parts it never trained on."""
+    from training.bench import lvlm_benchmark
+
+    result = lvlm_benchmark(steps=steps, simulated=simulated, held_out=held_out, llm=llm)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for name in ("before", "after"):
+        typer.echo(f"{name:<7} yes/no {result[name]['yes_no_accuracy']:.1f} %  "
+                   f"position {result[name]['position_accuracy']:.1f} %")
+    typer.echo(f"training: {result['train_seconds']:.0f} s for {steps} steps")
+
+
+# --- registration -------------------------------------------------------------------------------------
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from training.train import TrainingLocked
+
+    return (TrainingLocked,)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Add the training room's commands to the `lineguard` app (`bench`: its `bench` group)."""
+    add_user_errors(_user_errors)
+    bench.command("train")(cli_command(bench_train_command))
+    bench.command("lvlm")(cli_command(bench_lvlm_command))
+    train = typer.Typer(help="Learn from operators' labels: candidates, the evaluation gate, promotion.",
+                        invoke_without_command=True)
+    train.callback()(cli_command(train_command))
+    train.command("lvlm")(cli_command(train_lvlm_command))
+    app.add_typer(train, name="train")
+    models = typer.Typer(help="The model registry: versions per product, promote, roll back.", no_args_is_help=True)
+    models.command("list")(cli_command(models_list_command))
+    models.command("show")(cli_command(models_show_command))
+    models.command("promote")(cli_command(models_promote_command))
+    models.command("rollback")(cli_command(models_rollback_command))
+    app.add_typer(models, name="models")

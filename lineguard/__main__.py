@@ -1,3 +1,0 @@
-from lineguard.cli import app
-
-app(prog_name="lineguard")
