@@ -22,7 +22,7 @@ from training import cli as training_cli
 # The order `lineguard --help` and `lineguard bench --help` list commands and groups in.
 ORDER = ("up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store", "records", "eval",
          "topics", "refs", "bench", "grafana", "train", "models", "dialogue")
-BENCH_ORDER = ("stream", "resolution", "memory", "dialogue", "gpu", "all", "store", "train", "lvlm")
+BENCH_ORDER = ("stream", "resolution", "memory", "scale", "dialogue", "gpu", "all", "store", "train", "lvlm")
 
 
 ROOMS = (deploy_cli.register, ingest_cli.register, inference_cli.register, storage_cli.register,

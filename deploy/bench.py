@@ -570,6 +570,7 @@ def write_benchmarks(output: Path, quick: bool = False, echo=print) -> None:
                 ("thresholds", "inference.bench", "threshold_section"),
                 ("storage", "storage.bench", "markdown_section"),
                 ("memory", "deploy.memory_bench", "markdown_section"),
+                ("scale", "deploy.scale_bench", "scale_section"),
                 ("dialogue", "dialogue.bench", "markdown_section"),
                 ("training", "training.bench", "markdown_section"),
                 ("lvlm", "training.bench", "lvlm_section")]

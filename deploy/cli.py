@@ -171,6 +171,20 @@ def bench_memory_command(
     typer.echo(json.dumps(result) if as_json else markdown_section(result))
 
 
+def bench_scale_command(
+    frames: int = typer.Option(240, min=16, help="Frames per phase."),
+    encoder: str = typer.Option(None, help="Image encoder of the workers (default efficientnet-lite0)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """One worker pinned to one core against two pinned to one core each, then a worker added and one stopped
+    (SIGTERM) mid-stream: speedup, lost and duplicate verdicts, the longest pause."""
+    from deploy.scale_bench import scale_benchmark, scale_section
+
+    cli_settings()
+    result = scale_benchmark(frames=frames, encoder=encoder)
+    typer.echo(json.dumps(result) if as_json else scale_section(result))
+
+
 def bench_gpu_command(
     output: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file whose gpu section is rewritten."),
     device: str = typer.Option("cuda", help="cuda, cuda:N (cpu only to try the benchmark itself)."),
@@ -216,5 +230,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     bench.command("stream")(cli_command(bench_stream_command))
     bench.command("resolution")(cli_command(bench_resolution_command))
     bench.command("memory")(cli_command(bench_memory_command))
+    bench.command("scale")(cli_command(bench_scale_command))
     bench.command("gpu")(cli_command(bench_gpu_command))
     bench.command("all")(cli_command(bench_all_command))

@@ -69,7 +69,7 @@ EXPECTED = {
     ("topics",), ("topics", "create"), ("topics", "list"),
     ("refs",), ("refs", "add"), ("refs", "list"),
     ("bench",), ("bench", "stream"), ("bench", "resolution"), ("bench", "memory"), ("bench", "dialogue"),
-    ("bench", "gpu"), ("bench", "all"), ("bench", "store"), ("bench", "train"), ("bench", "lvlm"),
+    ("bench", "scale"), ("bench", "gpu"), ("bench", "all"), ("bench", "store"), ("bench", "train"), ("bench", "lvlm"),
     ("grafana",), ("grafana", "push"), ("grafana", "generate"),
     ("train",), ("train", "lvlm"),
     ("models",), ("models", "list"), ("models", "show"), ("models", "promote"), ("models", "rollback"),
@@ -92,8 +92,8 @@ def test_the_cli_tree_is_every_rooms_commands():
     assert list(root.commands) == ["up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store",
                                    "records", "eval", "topics", "refs", "bench", "grafana", "train", "models",
                                    "dialogue"], "the order `lineguard --help` lists them in"
-    assert list(root.commands["bench"].commands) == ["stream", "resolution", "memory", "dialogue", "gpu", "all",
-                                                     "store", "train", "lvlm"]
+    assert list(root.commands["bench"].commands) == ["stream", "resolution", "memory", "scale", "dialogue", "gpu",
+                                                     "all", "store", "train", "lvlm"]
 
 
 def test_each_room_registers_its_own_commands():

@@ -136,6 +136,7 @@ def lvlm_section(result: dict | None = None, steps: int = 240) -> str:
 
     result = result or lvlm_benchmark(steps=steps)
     before, after = result["before"], result["after"]
+    flagged, n = result["held_out_flagged"], result["held_out"]
     yes_ok = after["yes_no_accuracy"] >= 90
     pos_ok = after["position_accuracy"] >= 70
     return (
@@ -153,6 +154,8 @@ def lvlm_section(result: dict | None = None, steps: int = 240) -> str:
         f"| untrained (baseline) | {before['yes_no_accuracy']:.1f} % | {before['position_accuracy']:.1f} % | - |\n"
         f"| trained | {after['yes_no_accuracy']:.1f} % | {after['position_accuracy']:.1f} % | "
         f"{result['train_seconds']:.0f} s (loss {result['loss_first']:.2f} → {result['loss_last']:.2f}) |\n\n"
+        f"Untrained, the LLM answers neither Yes nor No (it describes the image), hence 0 %; always answering "
+        f"the majority class would agree on {100 * max(flagged, n - flagged) / n:.1f} %.\n\n"
         f"Targets: Yes/No ≥ 90 %: {'met' if yes_ok else '**missed**'}; position ≥ 70 %: "
         f"{'met' if pos_ok else '**missed**'}. Sample answers after training: "
         + "; ".join(f"\"{a}\"" for a in after["examples"]) + "\n")

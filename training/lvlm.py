@@ -155,7 +155,7 @@ def train_adapters(lvlm: AnomalyLVLM, samples: list[Sample], config: LvlmTrainCo
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimiser.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None:
                 progress(step, losses[-1])
     finally:

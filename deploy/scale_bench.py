@@ -1,0 +1,202 @@
+"""`lineguard bench scale`: inference workers as separate `lineguard infer` processes, each pinned to one core
+with `taskset`, in one consumer group on the 6-partition frames topic of the embedded broker.
+
+1. **Throughput**: a backlog of simulated frames drained by one worker on core 0, then (another topic, the same
+   frames) by two workers on cores 0 and 1; frames/s from the first verdict to the last, and
+   `speedup_2_workers` = two / one.
+2. **Rebalance**: frames published at a steady rate to one worker; a second worker joins mid-stream, then the
+   first is stopped with SIGTERM (it drains and commits). Every frame must get a verdict (`lost_frames`), each
+   one once after de-duplication by frame id (`duplicate_verdicts` counts the re-sent ones: at-least-once
+   delivery re-publishes what a stopped worker scored but had not committed); the longest pause between two
+   verdicts is reported.
+
+References are added once to the shared artifact store (inference/references.py); each worker loads them from
+there, as workers on other machines would. Each worker runs one torch thread (`OMP_NUM_THREADS=1`).
+
+    >>> result = scale_benchmark(frames=240)
+    >>> result["speedup_2_workers"], result["rebalance"]["lost_frames"]
+    (1.85, 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from deploy.bench import _frames, _produce, machine
+from deploy.stack import EmbeddedStack
+from ingest.publisher import as_published
+from ingest.simulator import PRODUCTS, LineSimulator
+from lineguard.events import Verdict
+from lineguard.kafka import ensure_topics, make_consumer, start_client
+from lineguard.settings import Settings, load_settings
+from lineguard.topics import VERDICTS
+
+REFERENCES = 4
+
+
+def _worker(settings: Settings, core: int, group: str, encoder: str | None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "deploy", "infer", "--group-id", group, "--no-text", "--http-port", "-1",
+               "--max-batch", "8"] + (["--encoder", encoder] if encoder else [])
+    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
+        command = ["taskset", "-c", str(core), *command]
+    env = dict(os.environ) | {"LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap,
+                              "LINEGUARD_TOPIC_PREFIX": settings.topic_prefix,
+                              "LINEGUARD_STATE_DIR": str(settings.state_dir),
+                              "LINEGUARD_STORE_ARTIFACTS": settings.artifacts_location(),
+                              "LINEGUARD_LOG_JSON": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+class VerdictLog:
+    """Every verdict of a topic as it arrives: (monotonic time, frame id)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.arrivals: list[tuple[float, str]] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        consumer = make_consumer(self.settings, VERDICTS, group_id=None, auto_offset_reset="earliest")
+        await start_client(self.settings, consumer)
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100)
+                for records in batches.values():
+                    for record in records:
+                        self.arrivals.append((time.monotonic(), Verdict.model_validate_json(record.value).frame_id))
+        finally:
+            await consumer.stop()
+
+    def unique(self) -> int:
+        return len({frame_id for _, frame_id in self.arrivals})
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def _until(predicate, workers: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        for worker in workers:
+            if worker.poll() not in (None, 0):
+                raise RuntimeError(f"a worker exited with {worker.returncode}: {worker.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the workers did not score every frame in time")
+        await asyncio.sleep(0.05)
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+async def _drain(settings: Settings, frames, cores: list[int], encoder: str | None) -> float:
+    """Frames/s of `len(cores)` pinned workers draining a backlog: first verdict to last."""
+    await _produce(settings, frames)
+    log = VerdictLog(settings)
+    reader = asyncio.create_task(log.run())
+    workers = [_worker(settings, core, f"scale-{settings.topic_prefix}", encoder) for core in cores]
+    try:
+        await _until(lambda: log.unique() >= len(frames), workers, 600)
+    finally:
+        _stop(workers)
+        log.stop()
+        await reader
+    first = min(t for t, _ in log.arrivals)
+    last = max(t for t, _ in log.arrivals)
+    return (len(frames) - 1) / max(last - first, 1e-6)
+
+
+async def _rebalance(settings: Settings, frames, rate: float, encoder: str | None) -> dict:
+    log = VerdictLog(settings)
+    reader = asyncio.create_task(log.run())
+    group = f"scale-{settings.topic_prefix}"
+    workers = [_worker(settings, 0, group, encoder)]
+    producer = asyncio.create_task(_produce(settings, frames, rate=rate))
+    events = {}
+    try:
+        await _until(lambda: log.unique() >= len(frames) // 4, workers, 600)
+        workers.append(_worker(settings, 1, group, encoder))              # joins mid-stream
+        events["added_at_verdict"] = log.unique()
+        await _until(lambda: log.unique() >= 2 * len(frames) // 3, workers, 600)
+        events["stopped_at_verdict"] = log.unique()
+        workers[0].send_signal(signal.SIGTERM)                             # leaves mid-stream, draining
+        await producer
+        await _until(lambda: log.unique() >= len(frames), workers[1:], 600)
+        await asyncio.sleep(2.0)                                           # late duplicates, if any
+        events["first_worker_exit"] = workers[0].wait(60)
+    finally:
+        _stop(workers)
+        log.stop()
+        await reader
+    times = sorted(t for t, _ in log.arrivals)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    ids = {meta.frame_id for meta, _, _ in frames}
+    seen = [frame_id for _, frame_id in log.arrivals if frame_id in ids]
+    return {"frames": len(frames), "rate_fps": round(rate, 1), "verdicts": len(seen),
+            "lost_frames": len(ids - set(seen)), "duplicate_verdicts": len(seen) - len(set(seen)),
+            "duplicates_after_dedupe": 0, "longest_pause_s": round(max(gaps, default=0.0), 2), **events}
+
+
+def scale_benchmark(frames: int = 240, encoder: str | None = None) -> dict:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as state_dir:
+        base = load_settings(state_dir=Path(state_dir), embedded_kafka_port=0, embedded_influx_port=0)
+        from inference.references import ReferenceStore
+
+        simulator = LineSimulator(seed=123)
+        references = ReferenceStore.from_settings(base)
+        for product in PRODUCTS:
+            references.add_images(product, [(f"{product}-{i}.png", as_published(image, 90)) for i, image in
+                                            enumerate(simulator.normal_references(product, REFERENCES))])
+        with EmbeddedStack(base, with_influx=False) as stack:
+            def phase(name: str) -> Settings:
+                settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
+                                                   "topic_prefix": f"scale-{name}."})
+                asyncio.run(ensure_topics(settings))
+                return settings
+
+            batch = _frames(frames, seed=7)
+            one = asyncio.run(_drain(phase("one"), batch, [0], encoder))
+            two = asyncio.run(_drain(phase("two"), batch, [0, 1], encoder))
+            rebalance = asyncio.run(_rebalance(phase("rebalance"), _frames(frames, seed=8), 0.8 * one, encoder))
+    one, two = round(one, 2), round(two, 2)
+    return {"frames": frames, "encoder": encoder or "efficientnet-lite0", "taskset": bool(shutil.which("taskset")),
+            "fps_1_worker": one, "fps_2_workers": two, "speedup_2_workers": round(two / one, 2),
+            "rebalance": rebalance, "minutes": round((time.perf_counter() - started) / 60, 1)}
+
+
+def scale_section(result: dict | None = None, frames: int = 240) -> str:
+    result = result or scale_benchmark(frames)
+    r = result["rebalance"]
+    met = "met" if result["speedup_2_workers"] >= 1.7 else "**missed**"
+    return (
+        "## Scale-out: workers pinned to cores (`lineguard bench scale`)\n\n"
+        f"Machine: {machine()}. Whole section: {result['minutes']:.1f} min. Command: `lineguard bench scale "
+        f"--frames {result['frames']} --json`. Each worker is a `lineguard infer` process ({result['encoder']}, "
+        "one torch thread) pinned with `taskset` to its own core, in one consumer group on the 6-partition "
+        "frames topic of the embedded broker; references come from the shared artifact store. Frames/s from "
+        "the first verdict to the last of a backlog; the baseline is one worker, measured in the same run.\n\n"
+        "| workers | frames/s | ratio to 1 worker |\n|---|---|---|\n"
+        f"| 1 (core 0) | {result['fps_1_worker']:.2f} | 1.00 |\n"
+        f"| 2 (cores 0, 1) | {result['fps_2_workers']:.2f} | {result['speedup_2_workers']:.2f} |\n\n"
+        f"Target `speedup_2_workers` ≥ 1.7: {met}.\n\n"
+        f"Rebalance: {r['frames']} frames published at {r['rate_fps']} frames/s to one worker; a second joined "
+        f"after {r['added_at_verdict']} verdicts and the first was stopped with SIGTERM after "
+        f"{r['stopped_at_verdict']} (exit {r['first_worker_exit']}). Lost frames: {r['lost_frames']}; verdicts "
+        f"re-sent for frames already answered: {r['duplicate_verdicts']} (0 after de-duplication by frame id); "
+        f"longest pause between two verdicts: {r['longest_pause_s']} s.\n")
