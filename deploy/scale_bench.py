@@ -40,6 +40,7 @@ from lineguard.settings import Settings, load_settings
 from lineguard.topics import VERDICTS
 
 REFERENCES = 4
+LOGS = Path(tempfile.gettempdir()) / "lineguard-bench-scale"     # the workers' logs, kept after the run
 
 
 def _worker(settings: Settings, core: int, group: str, encoder: str | None) -> subprocess.Popen:
@@ -52,7 +53,12 @@ def _worker(settings: Settings, core: int, group: str, encoder: str | None) -> s
                               "LINEGUARD_STATE_DIR": str(settings.state_dir),
                               "LINEGUARD_STORE_ARTIFACTS": settings.artifacts_location(),
                               "LINEGUARD_LOG_JSON": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = open(LOGS / f"worker-{group}-{core}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    worker.log_path = log.name
+    log.close()
+    return worker
 
 
 class VerdictLog:
@@ -87,7 +93,8 @@ async def _until(predicate, workers: list[subprocess.Popen], timeout_s: float) -
     while not predicate():
         for worker in workers:
             if worker.poll() not in (None, 0):
-                raise RuntimeError(f"a worker exited with {worker.returncode}: {worker.stderr.read()[-2000:]}")
+                raise RuntimeError(f"a worker exited with {worker.returncode}: "
+                                   f"{Path(worker.log_path).read_text()[-2000:]}")  # noqa: ASYNC240
         if time.monotonic() > deadline:
             raise TimeoutError("the workers did not score every frame in time")
         await asyncio.sleep(0.05)
