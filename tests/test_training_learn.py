@@ -12,14 +12,15 @@ from training.learn import Labelled, LearnConfig, choose_threshold, learn, score
 def test_threshold_from_both_classes_moves_only_as_far_as_the_labels_demand():
     good, defect = np.array([0.10, 0.12, 0.20]), np.array([0.30, 0.50])
     # automatic threshold below the best range [0.20, 0.30): a quarter of the range (log-score) inside it
-    threshold, method = choose_threshold(0.15, good, defect)
+    near = LearnConfig(edge=0.25)
+    threshold, method = choose_threshold(0.15, good, defect, near)
     assert method == "labels" and threshold == pytest.approx(np.exp(np.log(0.20) + 0.25 * np.log(0.30 / 0.20)))
     # above it: a quarter inside from the top
-    assert choose_threshold(0.9, good, defect)[0] == pytest.approx(np.exp(np.log(0.30) - 0.25 * np.log(1.5)))
+    assert choose_threshold(0.9, good, defect, near)[0] == pytest.approx(np.exp(np.log(0.30) - 0.25 * np.log(1.5)))
     # well inside it: the labels agree with the automatic threshold, which stays
-    assert choose_threshold(0.25, good, defect)[0] == pytest.approx(0.25)
-    # edge 0.5: the middle of the range
-    assert choose_threshold(0.15, good, defect, LearnConfig(edge=0.5))[0] == pytest.approx(np.sqrt(0.20 * 0.30))
+    assert choose_threshold(0.25, good, defect, near)[0] == pytest.approx(0.25)
+    # the default, edge 0.5: the middle of the range
+    assert choose_threshold(0.15, good, defect)[0] == pytest.approx(np.sqrt(0.20 * 0.30))
     # overlapping classes: the cut with the best balanced accuracy (one good above it: 5/6 + 1 / 2)
     threshold, _ = choose_threshold(0.15, np.array([0.1, 0.2, 0.6]), np.array([0.4, 0.5]))
     assert 0.2 < threshold < 0.4

@@ -6,9 +6,9 @@ What the labels teach, and how:
 - the **threshold** is re-derived from the labelled frames' scores under the candidate memory. A frame
   labelled good is scored by a memory that does not hold it (cross-fitting over `folds`), as a new part
   of its kind would be. With both classes the labels give a range of cuts with the best balanced
-  accuracy; the automatic threshold stays where it is when it lies in that range, and otherwise moves just
-  into it (a quarter of its width, in log-score, from the near end): a few labels are evidence against the
-  automatic threshold, not a replacement for it. With goods only it rises to just above them; with
+  accuracy; the threshold moves into that range, `edge` of its width (log-score) from the near end: by
+  default its middle (0.5); with a smaller edge the automatic threshold stays where the labels allow it.
+  With goods only it rises to just above them; with
   defects only it falls to just below them. It never leaves [auto / max_factor, auto * max_factor], so
   a handful of labels cannot move it anywhere absurd, and the evaluation gate judges the rest.
 
@@ -36,7 +36,8 @@ class LearnConfig:
     max_factor: float = 4.0          # the learned threshold stays within [auto / 4, auto * 4]
     max_normals: int = 64            # at most this many frames labelled good join the memory (the newest)
     margin: float = 1.02             # one-class bounds sit this factor beyond the labelled scores
-    edge: float = 0.25               # a threshold the labels move stays this share of their best range inside it
+    edge: float = 0.5                # a threshold the labels move goes this share of their best range inside it
+                                     # (0.5: its middle; 0.25 moved less, and lost recall in the closed loop)
 
 
 @dataclass
