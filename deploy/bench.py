@@ -99,6 +99,13 @@ async def _produce(settings: Settings, frames, rate: float | None = None) -> Non
         await producer.stop()
 
 
+def phase_settings(base: Settings, stack: EmbeddedStack, prefix: str) -> Settings:
+    """Settings of one benchmark phase: the running embedded broker, topics of its own (created)."""
+    settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "topic_prefix": prefix})
+    asyncio.run(ensure_topics(settings))
+    return settings
+
+
 def model_raw_fps(model, frames, batch: int) -> float:
     inputs = [FrameInput(image, meta.product, meta.mm_per_px) for meta, _, image in frames]
     model.score(inputs[:batch])  # warm-up
@@ -232,10 +239,7 @@ def stream_benchmark(frames: int = 400, max_batch: int = 16, encoder: str | None
         base = load_settings(state_dir=Path(state_dir), embedded_kafka_port=0, embedded_influx_port=0)
         with EmbeddedStack(base, with_influx=False) as stack:
             def phase(name: str) -> Settings:
-                settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
-                                                   "topic_prefix": f"bench-{name}."})
-                asyncio.run(ensure_topics(settings))
-                return settings
+                return phase_settings(base, stack, f"bench-{name}.")
 
             # the model alone before and after the Kafka phases (this shared machine's speed drifts)
             fps_raw = [model_raw_fps(model, batch_frames, max_batch)]
@@ -285,10 +289,7 @@ def resolution_benchmark(frames: int = 64, max_batch: int = 16, encoder: str | N
                     _set_bench_references(model, tiling, shots=4)
                 for width, height in sizes:
                     batch = _frames(frames, seed=7, frame_size=(width, height))
-                    name = f"res-{len(runs)}"
-                    settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
-                                                       "topic_prefix": f"bench-{name}."})
-                    asyncio.run(ensure_topics(settings))
+                    settings = phase_settings(base, stack, f"bench-res-{len(runs)}.")
                     fps, _ = asyncio.run(pipeline_fps(settings, model, batch, max_batch, reduced_decode=reduced))
                     run = {"mode": mode, "frame_size": f"{width}x{height}",
                            "megapixels": round(width * height / 1e6, 1),

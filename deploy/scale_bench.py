@@ -30,12 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from deploy.bench import _frames, _produce, machine
+from deploy.bench import _frames, _produce, machine, phase_settings
 from deploy.stack import EmbeddedStack
 from ingest.publisher import as_published
 from ingest.simulator import PRODUCTS, LineSimulator
 from lineguard.events import Verdict
-from lineguard.kafka import ensure_topics, make_consumer, start_client
+from lineguard.kafka import make_consumer, start_client
 from lineguard.settings import Settings, load_settings
 from lineguard.topics import VERDICTS
 
@@ -171,16 +171,11 @@ def scale_benchmark(frames: int = 240, encoder: str | None = None) -> dict:
             references.add_images(product, [(f"{product}-{i}.png", as_published(image, 90)) for i, image in
                                             enumerate(simulator.normal_references(product, REFERENCES))])
         with EmbeddedStack(base, with_influx=False) as stack:
-            def phase(name: str) -> Settings:
-                settings = base.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
-                                                   "topic_prefix": f"scale-{name}."})
-                asyncio.run(ensure_topics(settings))
-                return settings
-
             batch = _frames(frames, seed=7)
-            one = asyncio.run(_drain(phase("one"), batch, [0], encoder))
-            two = asyncio.run(_drain(phase("two"), batch, [0, 1], encoder))
-            rebalance = asyncio.run(_rebalance(phase("rebalance"), _frames(frames, seed=8), 0.8 * one, encoder))
+            one = asyncio.run(_drain(phase_settings(base, stack, "scale-one."), batch, [0], encoder))
+            two = asyncio.run(_drain(phase_settings(base, stack, "scale-two."), batch, [0, 1], encoder))
+            rebalance = asyncio.run(_rebalance(phase_settings(base, stack, "scale-rebalance."),
+                                               _frames(frames, seed=8), 0.8 * one, encoder))
     one, two = round(one, 2), round(two, 2)
     return {"frames": frames, "encoder": encoder or "efficientnet-lite0", "taskset": bool(shutil.which("taskset")),
             "fps_1_worker": one, "fps_2_workers": two, "speedup_2_workers": round(two / one, 2),

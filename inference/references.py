@@ -36,11 +36,8 @@ import cv2
 import numpy as np
 
 from lineguard.artifacts import ArtifactStore, StorageError, open_artifact_store
-from lineguard.logging import get_logger
 
 from .model.tiles import NO_TILES, Tiling
-
-log = get_logger(__name__)
 
 PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -97,18 +94,19 @@ class ReferenceStore:
             except StorageError as exc:
                 raise ReferenceError(f"cannot write the shared references ({self.shared.root}): {exc}") from exc
 
-    def _cached(self, product: str, name: str) -> Path:
-        """The cache file `name` of `product`, refreshed from the shared store when it has one."""
-        path = self._dir(product) / name
-        data = self._fetch(f"{product}/{name}")
-        if data is not None and (not path.exists() or path.read_bytes() != data):
+    @staticmethod
+    def _keep(path: Path, data: bytes) -> None:
+        """Write a fetched object into the cache, unless it holds these bytes already."""
+        if not path.exists() or path.read_bytes() != data:
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, data)
-        return path
 
     # -- reads -----------------------------------------------------------------------------------------
     def manifest(self, product: str) -> list[ReferenceInfo]:
-        path = self._cached(product, "manifest.json")
+        path = self._dir(product) / "manifest.json"
+        data = self._fetch(f"{product}/manifest.json")
+        if data is not None:
+            self._keep(path, data)
         if not path.exists():
             return []
         return [ReferenceInfo(**entry) for entry in json.loads(path.read_text())]
@@ -124,9 +122,11 @@ class ReferenceStore:
 
     def tiling(self, product: str) -> Tiling:
         """How the product's frames are inspected: whole (1x1, the default) or in tiles (tiles.py)."""
-        path = self._cached(product, "config.json")
-        if path.exists() and self.shared is not None and self._fetch(f"{product}/config.json") is None \
-                and self._fetch(f"{product}/manifest.json") is not None:
+        path = self._dir(product) / "config.json"
+        data = self._fetch(f"{product}/config.json")
+        if data is not None:
+            self._keep(path, data)
+        elif path.exists() and self.shared is not None and self._fetch(f"{product}/manifest.json") is not None:
             path.unlink(missing_ok=True)    # the shared store answers and has no config: whole frames again
         if not path.exists():
             return NO_TILES

@@ -23,7 +23,7 @@ from training.lvlm import (
 )
 
 
-def blob_samples(n: int, seed: int = 0) -> list[Sample]:
+def blob_samples(n: int, seed: int = 0, embed_dim: int = EMBED_DIM) -> list[Sample]:
     """Maps with one bright square (flagged, at its 3x3 position) or none (normal), in units of the threshold."""
     rng = np.random.default_rng(seed)
     samples = []
@@ -36,7 +36,7 @@ def blob_samples(n: int, seed: int = 0) -> list[Sample]:
             verdict = ModelVerdict(2.0, 1.0, True, 0.9, [], [position_of(x, y)])
         else:
             verdict = ModelVerdict(0.3, 1.0, False, 0.9, [], [])
-        samples.append(Sample(verdict, anomaly_map, rng.standard_normal(EMBED_DIM).astype(np.float32),
+        samples.append(Sample(verdict, anomaly_map, rng.standard_normal(embed_dim).astype(np.float32),
                               first_answer(verdict)))
     return samples
 
@@ -116,3 +116,31 @@ def test_train_lvlm_registers_promotes_and_the_model_answers_with_them(tmp_path,
     answering = AnomalyLVLM(LvlmConfig(llm=path), embed_dim=model.encoder.embed_dim)
     answering.load_adapters(weights)
     assert answering.trained
+
+
+def test_the_dialogue_follows_the_live_adapters_of_the_registry(tmp_path):
+    """A promoted `lvlm` version reaches the answering model at its next answer; a rollback to no version brings
+    the untrained adapters back."""
+    from dialogue.answers import LvlmAnswerer
+    from inference.model.api import InspectionModel, ModelConfig
+    from inference.model.encoders import EncoderConfig
+    from lineguard.artifacts import LocalArtifactStore
+
+    path = save_tiny_llama(tmp_path / "tiny")
+    model = InspectionModel(ModelConfig(encoder=EncoderConfig.parse("random:vit-tiny"), device="cpu", llm=path))
+    trained = AnomalyLVLM(LvlmConfig(llm=path, seed=5), embed_dim=model.encoder.embed_dim)
+    frames = blob_samples(2, embed_dim=model.encoder.embed_dim)
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'records.sqlite'}", LocalArtifactStore(tmp_path / "artifacts"))
+    try:
+        released = registry.register(LVLM_PRODUCT, None, "lvlm:test", parent=None, metrics={}, lineage={},
+                                     bundle=trained.adapter_bytes())
+        registry.promote(released.version)
+        answerer = LvlmAnswerer(model, None, None, adapters=registry.live_adapters, adapters_every_s=0)
+        answerer._refresh_adapters()
+        assert model.lvlm_adapters[0] == released.version and model.lvlm.trained
+        torch.testing.assert_close(model.lvlm.soft_tokens(frames)[1], trained.soft_tokens(frames)[1])
+        registry.rollback(LVLM_PRODUCT)
+        answerer._refresh_adapters()
+        assert model.lvlm_adapters is None and not model.lvlm.trained
+    finally:
+        registry.close()

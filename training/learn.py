@@ -37,7 +37,7 @@ class LearnConfig:
     max_normals: int = 64            # at most this many frames labelled good join the memory (the newest)
     margin: float = 1.02             # one-class bounds sit this factor beyond the labelled scores
     edge: float = 0.5                # a threshold the labels move goes this share of their best range inside it
-                                     # (0.5: its middle; 0.25 moved less, and lost recall in the closed loop)
+                                     # (0.5: its middle; 0.25 moved less, and lost defect recall in a test)
 
 
 @dataclass

@@ -234,15 +234,15 @@ def model_code(lvlm: AnomalyLVLM) -> str:
             f":e{lvlm.image_projection.in_features}")
 
 
-def labelled_samples(store: RecordStore, settings: Settings, model, map_size: int) -> list[Sample]:
-    """Frames operators labelled, re-scored by `model` against their product's references; the label says
-    what the answer should have been."""
+def labelled_samples(store: RecordStore, settings: Settings, model, map_size: int) -> dict[str, Sample]:
+    """{frame id: sample} of the frames operators labelled, re-scored by `model` against their product's
+    references; the label says what the answer should have been."""
     from inference.references import ReferenceStore
 
     from .train import _image
 
     references = ReferenceStore.from_settings(settings)
-    samples = []
+    samples = {}
     for example in training_examples(store):
         if example.product not in model.products():
             images = references.load(example.product)
@@ -253,7 +253,7 @@ def labelled_samples(store: RecordStore, settings: Settings, model, map_size: in
         if image is None:
             continue
         scored = model.score([(example.product, image)])[0]
-        samples.append(sample_of(scored, map_size, is_defect=example.is_defect))
+        samples[example.frame_id] = sample_of(scored, map_size, is_defect=example.is_defect)
     return samples
 
 
@@ -287,7 +287,7 @@ def train_lvlm(settings: Settings, storage_settings: StorageSettings, *, model=N
                     log.warning("lvlm_live_adapters_not_loaded", version=live[0], error=str(exc))
             current = measure(lvlm, test_set, config.max_new_tokens)
             started = time.perf_counter()
-            losses = train_adapters(lvlm, train_set + labelled, config, progress)
+            losses = train_adapters(lvlm, train_set + list(labelled.values()), config, progress)
             seconds = time.perf_counter() - started
             candidate = measure(lvlm, test_set, config.max_new_tokens)
             reasons = [f"{key} {candidate[key]:.1f} < {current[key]:.1f} of {parent or 'the untrained adapters'}"
@@ -298,7 +298,7 @@ def train_lvlm(settings: Settings, storage_settings: StorageSettings, *, model=N
             if not dry_run:
                 metrics = {"current": current, "candidate": candidate, "train_seconds": round(seconds, 1)}
                 lineage = {"parent": parent, "simulated": simulated, "labelled": len(labelled),
-                           "config": asdict(config), "label_frames": [], "model_code": model_code(lvlm)}
+                           "config": asdict(config), "label_frames": sorted(labelled)}
                 registered = registry.register(LVLM_PRODUCT, None, model_code(lvlm), parent=parent, metrics=metrics,
                                                lineage=lineage, status="rejected" if reasons else "candidate",
                                                note="; ".join(reasons), bundle=lvlm.adapter_bytes())
