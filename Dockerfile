@@ -49,11 +49,12 @@ RUN useradd --uid "${UID}" --user-group --home-dir /var/lib/lineguard --create-h
 USER 10001
 WORKDIR /var/lib/lineguard
 
-# The worker serves /healthz on 9102 (`lineguard infer --http-port`, 127.0.0.1 only); the dialogue service sets
-# HEALTHCHECK_URL to its own port. Services without /healthz (stats, store, one-shot commands) disable it.
+# The worker serves /healthz on 9102 (`lineguard infer --http-port`; `--http-host 0.0.0.0` for probes from outside
+# the container); stats (9103), store (9104) and the dialogue service (8080) set HEALTHCHECK_URL to their own
+# port. One-shot commands disable it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=4)"]
 
-EXPOSE 9102 8080
+EXPOSE 9102 9103 9104 8080
 ENTRYPOINT ["lineguard"]
 CMD ["--help"]

@@ -91,12 +91,15 @@ def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: floa
         services.start("infer", ["infer", "--http-port", str(http_port)])
         echo(f"inference worker starting (log {services.state_dir / 'infer.log'}, "
              f"metrics http://127.0.0.1:{http_port}/metrics) …")
-        services.start("stats", ["stats"])
-        services.start("store", ["store"])
+        stats_port, store_port = free_port(), free_port()
+        services.start("stats", ["stats", "--http-port", str(stats_port)])
+        services.start("store", ["store", "--http-port", str(store_port)])
         console_url, token = start_dialogue(settings, services)
         health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", services, WORKER_READY_TIMEOUT_S)
         echo(f"worker ready: model {health['model_version']}, products {', '.join(health['products'])}")
         wait_healthy(f"{console_url}healthz", services, WORKER_READY_TIMEOUT_S)
+        for port in (stats_port, store_port):
+            wait_healthy(f"http://127.0.0.1:{port}/healthz", services, WORKER_READY_TIMEOUT_S)
         echo(f"operator console {console_url}  (demo operator token: {token})")
         echo("where the data lives:\n" + where_data_lives(settings))
         asyncio.run(_line_and_view(settings, rate, cameras, defect_rate, seconds, services))

@@ -30,6 +30,7 @@ def infer_command(
     encoder: str = typer.Option(None, help="Image encoder (default efficientnet-lite0; see inference/model)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
     http_port: int = typer.Option(9102, help="Port of /healthz and /metrics (-1 = off)."),
+    http_host: str = typer.Option("127.0.0.1", help="Address of /healthz and /metrics (0.0.0.0: every interface)."),
     text: bool = typer.Option(True, help="Attach the LVLM's answer to flagged verdicts."),
     group_id: str = typer.Option("lineguard-inference", help="Kafka consumer group of the workers."),
 ) -> None:
@@ -41,7 +42,7 @@ def infer_command(
     settings = cli_settings()
     scorer = build_scorer(encoder=encoder, device=device, text=text, batch_size=max_batch)
     config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
-                          http_port=None if http_port < 0 else http_port)
+                          http_port=None if http_port < 0 else http_port, http_host=http_host)
     worker = InferenceWorker(settings, scorer, config, registry=ModelRegistry.from_settings(settings))
 
     async def main() -> None:

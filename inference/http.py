@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
-import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+
+from lineguard.health import LOOPBACK
+from lineguard.health import serve as serve_app
 
 
 class Health(BaseModel):
@@ -36,8 +36,5 @@ def build_app(worker) -> FastAPI:
     return app
 
 
-async def serve(worker, port: int, host: str = "127.0.0.1") -> None:
-    config = uvicorn.Config(build_app(worker), host=host, port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # the worker owns SIGTERM/SIGINT, not uvicorn
-    await server.serve()
+async def serve(worker, port: int, host: str = LOOPBACK) -> None:
+    await serve_app(build_app(worker), port, host)

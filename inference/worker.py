@@ -151,6 +151,7 @@ class WorkerConfig:
                                           # count (the usable cores) / model_threads
     drain_timeout_s: float = 30.0
     http_port: int | None = None      # /healthz and /metrics; None = off
+    http_host: str = "127.0.0.1"      # 0.0.0.0: reachable from outside (a pod's HTTP probes, Prometheus)
     explain: bool = True              # attach LVLM answers to flagged verdicts
     reduced_decode: bool = True       # decode JPEGs at the DCT scale the model needs (1/2, 1/4, 1/8)
 
@@ -278,7 +279,8 @@ class InferenceWorker:
         if self.config.http_port is not None:
             from inference.http import serve
 
-            server = asyncio.create_task(serve(self, self.config.http_port), name="http")
+            server = asyncio.create_task(serve(self, self.config.http_port, self.config.http_host),
+                                         name="http")
         self._ready = True
         log.info("worker_started", group=self.config.group_id, max_batch=self.config.max_batch,
                  max_wait_ms=self.config.max_wait_ms, model_version=self.model.version)

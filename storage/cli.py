@@ -58,26 +58,41 @@ def _run_until_signal(service) -> None:
         asyncio.run(main())
 
 
+STATS_HTTP_PORT = 9103
+STORE_HTTP_PORT = 9104
+HTTP_HOST_HELP = "Address of /healthz (0.0.0.0: every interface, for a pod's probes)."
+
+
+def _http(host: str, port: int) -> tuple[str, int] | None:
+    return None if port < 0 else (host, port)
+
+
 @_storage_errors
 def stats_command(
     seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+    http_port: int = typer.Option(STATS_HTTP_PORT, help="Port of /healthz (-1 = off)."),
+    http_host: str = typer.Option("127.0.0.1", help=HTTP_HOST_HELP),
 ) -> None:
     """Aggregate verdicts into 10 s / 1 min defect statistics in InfluxDB (a faust app)."""
     from storage.stats import run_stats
 
     settings, storage_settings = _settings()
-    _run_until_signal(lambda stop: run_stats(settings, storage_settings, seconds=seconds, stop=stop))
+    _run_until_signal(lambda stop: run_stats(settings, storage_settings, seconds=seconds, stop=stop,
+                                             http=_http(http_host, http_port)))
 
 
 @_storage_errors
 def store_command(
     seconds: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+    http_port: int = typer.Option(STORE_HTTP_PORT, help="Port of /healthz (-1 = off)."),
+    http_host: str = typer.Option("127.0.0.1", help=HTTP_HOST_HELP),
 ) -> None:
     """Keep flagged frames (image, heatmap, overlay, verdict, answer) and labels; count normal frames."""
     from storage.records import run_recorder
 
     settings, storage_settings = _settings()
-    _run_until_signal(lambda stop: run_recorder(settings, storage_settings, seconds=seconds, stop=stop))
+    _run_until_signal(lambda stop: run_recorder(settings, storage_settings, seconds=seconds, stop=stop,
+                                                http=_http(http_host, http_port)))
 
 
 def _since(value: str | None) -> datetime | None:

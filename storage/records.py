@@ -61,6 +61,7 @@ from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from lineguard.events import BadFrame, FrameMeta, Heatmap, Label, Verdict, decode_frame
+from lineguard.health import serve_health, stop_server
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
@@ -740,6 +741,7 @@ class Recorder:
         self.recent_verdicts: OrderedDict[str, None] = OrderedDict()
         self.counters = RecorderCounters()
         self.consumer = None
+        self.state = "starting"             # starting, ok, stopping, failed: what /healthz answers
         self._paused = False
 
     async def run(self, *, stop: asyncio.Event | None = None, seconds: float | None = None,
@@ -770,6 +772,7 @@ class Recorder:
         await start_client(self.settings, consumer)
         self.consumer = consumer
         await asyncio.to_thread(self._purge)
+        self.state = "ok"
         log.info("store_started", group=self.storage_settings.store_group, db=_redact(self.store.url),
                  artifacts=self.store.artifacts.root, sample_rate=self.storage_settings.store_normal_sample_rate)
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -810,6 +813,7 @@ class Recorder:
                     await asyncio.to_thread(self._purge)
                     last_purge = now
         finally:
+            self.state = "failed" if failed else "stopping"
             if commit:
                 with contextlib.suppress(Exception):
                     await self._commit(consumer)   # only offsets below every unsaved message
@@ -817,6 +821,10 @@ class Recorder:
             self.consumer = None
             log.info("store_stopped", failed=failed, **vars(self.counters), pending=len(self.joiner.entries))
         return self.counters
+
+    def health(self) -> dict:
+        """What `/healthz` answers: the state and what was kept so far."""
+        return {"status": self.state, **vars(self.counters), "pending": len(self.joiner.entries)}
 
     def _dispatch(self, tp, message, batch: SaveBatch, now: float) -> list[Ref]:
         """Route one message into the join; returns refs to release after this loop's save."""
@@ -880,10 +888,12 @@ class Recorder:
 
 
 async def run_recorder(settings: Settings, storage_settings: StorageSettings, *, seconds: float | None = None,
-                       stop: asyncio.Event | None = None) -> RecorderCounters:
-    """Run `lineguard store` until cancelled (or for `seconds`)."""
+                       stop: asyncio.Event | None = None, http: tuple[str, int] | None = None) -> RecorderCounters:
+    """Run `lineguard store` until cancelled (or for `seconds`); `http` (host, port): serve /healthz there."""
     recorder = Recorder(settings, storage_settings)
+    server = serve_health("lineguard store", recorder.health, http)
     try:
         return await recorder.run(seconds=seconds, stop=stop)
     finally:
+        await stop_server(server)
         recorder.store.close()

@@ -53,6 +53,7 @@ import numpy as np
 
 from lineguard import tansu
 from lineguard.events import POSITIONS, DeadLetter, Verdict
+from lineguard.health import serve_health, stop_server
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import DEADLETTER, VERDICTS
@@ -444,6 +445,7 @@ class StatsService:
         self.dead_letters = DeadLetterCounter(lateness_ms=int(storage_settings.stats_lateness_s * 1000))
         self.bad_verdicts = 0
         self.app = None
+        self.state = "starting"             # starting, ok, stopping: what /healthz answers
         self._tick_lock = asyncio.Lock()
         self._dead_letter_producer = None
 
@@ -575,12 +577,14 @@ class StatsService:
         self.aggregator.max_event_ms = max(self.aggregator.max_event_ms, floor)
         app = self.make_app()
         await app.start()
+        self.state = "ok"
         log.info("stats_started", group=self.storage_settings.stats_group, topic=self.settings.topic(VERDICTS),
                  influx=self.writer.transport.url, api=getattr(self.writer.transport, "name", "?"),
                  resume_after_ms=floor or None)
 
     async def stop(self) -> None:
         """Write the open windows as they stand (not final, so not acknowledged), then stop."""
+        self.state = "stopping"
         with contextlib.suppress(Exception):
             await self.tick(flush_all=True)
         if self.app is not None:
@@ -592,6 +596,15 @@ class StatsService:
         log.info("stats_stopped", verdicts=counters.verdicts, counted=counters.counted,
                  duplicates=counters.duplicates, late=counters.late, windows_final=counters.windows_final,
                  points_written=self.writer.stats.written, bad_verdicts=self.bad_verdicts)
+
+
+    def health(self) -> dict:
+        """What `/healthz` answers: the state, and whether InfluxDB takes the points (they wait in a bounded
+        buffer while it does not, so an outage alone does not make the service unhealthy)."""
+        counters, stats = self.aggregator.counters, self.writer.stats
+        return {"status": self.state, "verdicts": counters.verdicts, "windows_final": counters.windows_final,
+                "bad_verdicts": self.bad_verdicts, "influx": "up" if stats.down_since is None else "down",
+                "points_written": stats.written, "points_buffered": self.writer.buffered}
 
 
 async def consumer_lag_points(settings: Settings, groups: list[str]) -> list[Point]:
@@ -635,9 +648,12 @@ async def consumer_lag_points(settings: Settings, groups: list[str]) -> list[Poi
 
 
 async def run_stats(settings: Settings, storage_settings: StorageSettings, *, seconds: float | None = None,
-                    ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> StatsService:
-    """Run the aggregator until `stop` is set, `seconds` pass, or it is cancelled; then stop it cleanly."""
+                    ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
+                    http: tuple[str, int] | None = None) -> StatsService:
+    """Run the aggregator until `stop` is set, `seconds` pass, or it is cancelled; then stop it cleanly.
+    `http` (host, port): serve /healthz there meanwhile."""
     service = StatsService(settings, storage_settings)
+    server = serve_health("lineguard stats", service.health, http)
     try:
         await service.start()
         if ready is not None:
@@ -647,6 +663,7 @@ async def run_stats(settings: Settings, storage_settings: StorageSettings, *, se
             await asyncio.wait_for(stop.wait(), seconds)
     finally:
         await asyncio.shield(service.stop())
+        await stop_server(server)
     return service
 
 

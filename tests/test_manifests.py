@@ -134,7 +134,7 @@ def settings_from(env: dict[str, str], monkeypatch) -> tuple[Settings, StorageSe
 def healthz_port(command: list[str], env: dict[str, str], monkeypatch) -> int | None:
     """The port where `lineguard COMMAND`, run with `env`, serves /healthz; None when it serves none."""
     params = cli_params(command)
-    if params["command"] == ["infer"]:
+    if params["command"] in (["infer"], ["stats"], ["store"]):
         return params["http_port"] if params["http_port"] >= 0 else None
     if params["command"] == ["dialogue"]:
         return params["port"] or settings_from(env, monkeypatch)[2].port

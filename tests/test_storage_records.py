@@ -20,6 +20,7 @@ import threading
 import time
 from datetime import timedelta
 
+import httpx
 import pytest
 from storage_helpers import (
     frame_record,
@@ -31,6 +32,7 @@ from storage_helpers import (
     wait_until,
 )
 
+from deploy.stack import free_port
 from lineguard.events import Label
 from lineguard.kafka import make_producer, start_client
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
@@ -173,8 +175,10 @@ def test_records_survive_a_crash_and_restart_idempotent(settings, tmp_path, cli_
                      "LINEGUARD_STORE_ARTIFACTS": storage_settings.store_artifacts,
                      "LINEGUARD_STORE_NORMAL_SAMPLE_RATE": str(SAMPLE_RATE), "LINEGUARD_STORE_JOIN_TIMEOUT_S": "30"}
     log_path = tmp_path / "store.log"
+    http_port = free_port()
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "deploy", "store"], env=env, stdout=log_file,
+        process = subprocess.Popen([sys.executable, "-m", "deploy", "store", "--http-port", str(http_port)],
+                                   env=env, stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     streamer = LineStreamer(settings, part2)
     try:
@@ -188,6 +192,9 @@ def test_records_survive_a_crash_and_restart_idempotent(settings, tmp_path, cli_
 
         assert wait_until(part1_committed, timeout_s=60), log_path.read_text()[-3000:]
         assert stored_frame_ids(db_path) == expected1
+        health = httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.json()["records"] >= len(expected1) and health.json()["labels"] == 1
 
         streamer.start()
         # Freeze the recorder after each save of part 2; SIGKILL it once a saved record's verdict is not

@@ -11,10 +11,13 @@ import contextlib
 from collections import Counter
 from datetime import timedelta
 
+import httpx
 import numpy as np
 import pytest
 from storage_helpers import group_offsets, influx_query, make_verdicts, minute_ago, publish
 
+from deploy.stack import free_port
+from lineguard.health import serve_health, stop_server
 from storage.settings import load_storage_settings
 from storage.stats import WINDOWS, StatsService, score_bucket, size_class
 
@@ -146,24 +149,41 @@ def test_influxd_restart_mid_stream_loses_no_window(settings, tmp_path):
         want_1m = expected_counts(first + second, "1m")
         url, db = own.influx_url, settings.influx_database
 
+        port = free_port()
+
+        async def healthz() -> tuple[int, dict]:
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://127.0.0.1:{port}/healthz")
+            return response.status_code, response.json()
+
         async def scenario() -> StatsService:
             service = StatsService(influx_settings, storage_settings)
+            server = serve_health("lineguard stats", service.health, ("127.0.0.1", port))
+            await asyncio.sleep(0.5)
+            assert (await healthz())[0] == 503, "not serving before it started"
             await service.start()
             try:
                 await publish(settings, "verdicts", [(v.camera_id.encode(), v.to_bytes(), None) for v in first])
                 assert await run_until(service, lambda: len(influx_counts(url, db, "10s", line)) >= 9)
+                status, body = await healthz()
+                assert status == 200 and body["status"] == "ok" and body["influx"] == "up"
+                assert body["verdicts"] == len(first) and body["points_written"] > 0
                 await asyncio.to_thread(own.stop_influx)
                 await publish(settings, "verdicts", [(v.camera_id.encode(), v.to_bytes(), None) for v in second])
                 # the aggregator goes on counting while the writer keeps failing
                 assert await run_until(service, lambda: service.writer.stats.failures >= 2 and
                                        service.aggregator.counters.counted == len(first) + len(second))
                 assert service.writer.buffered > 0
+                status, body = await healthz()     # an InfluxDB outage is reported, and the service stays up
+                assert status == 200 and body["influx"] == "down" and body["points_buffered"] > 0
                 await asyncio.to_thread(own.start_influx)
                 complete = await run_until(service, lambda: influx_counts(url, db, "10s", line) == want_10s
                                            and influx_counts(url, db, "1m", line) == want_1m)
                 assert complete, (influx_counts(url, db, "10s", line), want_10s)
+                assert (await healthz())[1]["influx"] == "up"
             finally:
                 await service.stop()
+                await stop_server(server)
             return service
 
         with capture_logs() as logs:
