@@ -58,10 +58,26 @@ def machine() -> str:
 
 # --- the stream benchmark -----------------------------------------------------------------------------
 
+def cameras_on_every_partition(partitions: int) -> list[str]:
+    """One camera id per partition: frames are keyed by camera, and the producer's default partitioner
+    (murmur2, as Kafka's Java client) sends each of these cameras' frames to a partition of its own."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitioner, ids = DefaultPartitioner(), list(range(partitions))
+    chosen: dict[int, str] = {}
+    for i in range(100 * partitions):
+        chosen.setdefault(partitioner(f"cam-{i}".encode(), ids, ids), f"cam-{i}")
+        if len(chosen) == partitions:
+            return [chosen[p] for p in ids]
+    raise RuntimeError(f"no camera ids found for all {partitions} partitions")
+
+
 def _frames(n: int, seed: int = 0, frame_size: tuple[int, int] | None = None,
-            unique: int = 16) -> list[tuple[FrameMeta, bytes, np.ndarray]]:
-    """n simulated parts as (meta, JPEG, decoded image). With frame_size = (W, H), each part is rendered at
-    256 px and resized to W x H, and `unique` of them are cycled (a 20 MP image is 60 MB decoded)."""
+            unique: int = 16, cameras: list[str] | None = None) -> list[tuple[FrameMeta, bytes, np.ndarray]]:
+    """n simulated parts as (meta, JPEG, decoded image), round-robin over `cameras` (default cam-0..3). With
+    frame_size = (W, H), each part is rendered at 256 px and resized to W x H, and `unique` of them are
+    cycled (a 20 MP image is 60 MB decoded)."""
+    cameras = cameras or [f"cam-{i}" for i in range(4)]
     simulator = LineSimulator(defect_rate=0.2, seed=seed)
     frames, pool = [], []
     for i in range(n):
@@ -73,9 +89,9 @@ def _frames(n: int, seed: int = 0, frame_size: tuple[int, int] | None = None,
             mm_per_px = simulator.mm_per_px * part.image.shape[1] / width
             pool.append((part.product, jpeg, width, height, mm_per_px, image))
         product, jpeg, width, height, mm_per_px, image = pool[i % len(pool)] if frame_size else pool[-1]
-        camera = f"cam-{i % 4}"
+        camera = cameras[i % len(cameras)]
         meta = FrameMeta(frame_id=f"bench.{seed}.{i:06d}", line_id="bench", camera_id=camera, product=product,
-                         seq=i // 4, width=width, height=height, source="simulator", mm_per_px=mm_per_px)
+                         seq=i // len(cameras), width=width, height=height, source="simulator", mm_per_px=mm_per_px)
         frames.append((meta, jpeg, image))
     return frames
 

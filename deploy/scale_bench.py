@@ -1,14 +1,17 @@
 """`lineguard bench scale`: inference workers as separate `lineguard infer` processes, each pinned to one core
-with `taskset`, in one consumer group on the 6-partition frames topic of the embedded broker.
+with `taskset`, in one consumer group on the 6-partition frames topic of the embedded broker. The frames come
+from six cameras, one per partition (frames are keyed by camera: cameras that share partitions would leave a
+worker idle, whatever the group's assignment).
 
 1. **Throughput**: a backlog of simulated frames drained by one worker on core 0, then (another topic, the same
-   frames) by two workers on cores 0 and 1; frames/s from the first verdict to the last, and
-   `speedup_2_workers` = two / one.
-2. **Rebalance**: frames published at a steady rate to one worker; a second worker joins mid-stream, then the
-   first is stopped with SIGTERM (it drains and commits). Every frame must get a verdict (`lost_frames`), each
-   one once after de-duplication by frame id (`duplicate_verdicts` counts the re-sent ones: at-least-once
-   delivery re-publishes what a stopped worker scored but had not committed); the longest pause between two
-   verdicts is reported.
+   frames) by two workers on cores 0 and 1; the backlog is published once the workers are up and hold the
+   partitions; frames/s from the first verdict to the last, and `speedup_2_workers` = two / one.
+2. **Rebalance**: frames published at a steady rate to one worker; a second worker is started mid-stream and
+   joins the group once its model has loaded (the rebalance on join); then the first is stopped with SIGTERM
+   (it drains and commits, and the group gives its partitions to the second). Every frame must get a verdict
+   (`lost_frames`), each one once after de-duplication by frame id (`duplicate_verdicts` counts the re-sent
+   ones: at-least-once delivery re-publishes what a stopped worker scored but had not committed); the longest
+   pause between two verdicts is reported.
 
 References are added once to the shared artifact store (inference/references.py); each worker loads them from
 there, as workers on other machines would. Each worker runs one torch thread (`OMP_NUM_THREADS=1`).
@@ -21,6 +24,8 @@ there, as workers on other machines would. Each worker runs one torch thread (`O
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,16 +33,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from deploy.bench import _frames, _produce, machine, phase_settings
+from deploy.bench import _frames, _produce, cameras_on_every_partition, machine, phase_settings
 from deploy.stack import EmbeddedStack
 from ingest.publisher import as_published
 from ingest.simulator import PRODUCTS, LineSimulator
-from lineguard.events import Verdict
-from lineguard.kafka import make_consumer, start_client
+from lineguard.events import Verdict, encode_frame
+from lineguard.kafka import make_consumer, make_producer, start_client
 from lineguard.settings import Settings, load_settings
-from lineguard.topics import VERDICTS
+from lineguard.topics import FRAMES, VERDICTS, spec
 
 REFERENCES = 4
 LOGS = Path(tempfile.gettempdir()) / "lineguard-bench-scale"     # the workers' logs, kept after the run
@@ -112,12 +118,15 @@ def _stop(workers: list[subprocess.Popen]) -> None:
 
 
 async def _drain(settings: Settings, frames, cores: list[int], encoder: str | None) -> float:
-    """Frames/s of `len(cores)` pinned workers draining a backlog: first verdict to last."""
-    await _produce(settings, frames)
+    """Frames/s of `len(cores)` pinned workers draining a backlog: first verdict to last. The backlog is
+    published once every worker is up and the group has split the partitions between them, so that the
+    figure is the workers' speed, not how far apart they finished loading their models."""
     log = VerdictLog(settings)
     reader = asyncio.create_task(log.run())
     workers = [_worker(settings, core, f"scale-{settings.topic_prefix}", encoder) for core in cores]
     try:
+        await _until(lambda: _split(workers, spec(FRAMES).partitions), workers, 600)
+        await _produce(settings, frames)
         await _until(lambda: log.unique() >= len(frames), workers, 600)
     finally:
         _stop(workers)
@@ -128,33 +137,86 @@ async def _drain(settings: Settings, frames, cores: list[int], encoder: str | No
     return (len(frames) - 1) / max(last - first, 1e-6)
 
 
-async def _rebalance(settings: Settings, frames, rate: float, encoder: str | None) -> dict:
+def _assigned(worker: subprocess.Popen) -> list[int]:
+    """The partitions the group gave the worker last (its log says so); [] before its first assignment."""
+    latest: list[int] = []
+    for line in Path(worker.log_path).read_text().splitlines():  # noqa: ASYNC240 - a small local log
+        if '"partitions_assigned"' in line:
+            latest = json.loads(line[line.index("{"):])["partitions"]
+    return latest
+
+
+def _joined(worker: subprocess.Popen) -> bool:
+    return bool(_assigned(worker))
+
+
+def _split(workers: list[subprocess.Popen], partitions: int) -> bool:
+    """Whether every worker holds partitions, and together they hold each partition once."""
+    held = [_assigned(worker) for worker in workers]
+    return all(held) and sorted(p for mine in held for p in mine) == list(range(partitions))
+
+
+async def _stream(settings: Settings, frames, rate: float, stop: asyncio.Event, sent: list[str]) -> None:
+    """Publish `frames` cycled under fresh frame ids at `rate` frames/s until `stop` is set."""
+    producer = await start_client(settings, make_producer(settings))
+    try:
+        started, index, futures = time.monotonic(), 0, []
+        while not stop.is_set():
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            meta, jpeg, _ = frames[index % len(frames)]
+            meta = meta.model_copy(update={"frame_id": f"{meta.frame_id}.{index}", "seq": index,
+                                           "captured_at": datetime.now(UTC)})
+            value, headers = encode_frame(meta, jpeg)
+            futures.append(await producer.send(settings.topic(FRAMES), value, key=meta.camera_id.encode(),
+                                               headers=headers))
+            sent.append(meta.frame_id)
+            index += 1
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def _rebalance(settings: Settings, frames, rate: float, encoder: str | None, step: int = 80) -> dict:
+    """A steady stream to one worker; a second is started, and once the group has given it partitions (its
+    start-up, model loading included, is not a rebalance) both share the stream for `step` verdicts; then the
+    first is stopped with SIGTERM, and the second goes on alone for `step` more."""
     log = VerdictLog(settings)
     reader = asyncio.create_task(log.run())
     group = f"scale-{settings.topic_prefix}"
     workers = [_worker(settings, 0, group, encoder)]
-    producer = asyncio.create_task(_produce(settings, frames, rate=rate))
+    sent: list[str] = []
+    stop = asyncio.Event()
+    producer = asyncio.create_task(_stream(settings, frames, rate, stop, sent))
     events = {}
     try:
-        await _until(lambda: log.unique() >= len(frames) // 4, workers, 600)
+        await _until(lambda: log.unique() >= step // 2, workers, 600)
         workers.append(_worker(settings, 1, group, encoder))              # joins mid-stream
         events["added_at_verdict"] = log.unique()
-        await _until(lambda: log.unique() >= 2 * len(frames) // 3, workers, 600)
-        events["stopped_at_verdict"] = log.unique()
+        await _until(lambda: _joined(workers[1]), workers, 600)
+        events["joined_at_verdict"] = joined = log.unique()
+        await _until(lambda: log.unique() >= joined + step, workers, 600)
+        events["stopped_at_verdict"] = stopped = log.unique()
         workers[0].send_signal(signal.SIGTERM)                             # leaves mid-stream, draining
+        await _until(lambda: log.unique() >= stopped + step, workers[1:], 600)
+        stop.set()
         await producer
-        await _until(lambda: log.unique() >= len(frames), workers[1:], 600)
+        await _until(lambda: log.unique() >= len(set(sent)), workers[1:], 600)
         await asyncio.sleep(2.0)                                           # late duplicates, if any
         events["first_worker_exit"] = workers[0].wait(60)
     finally:
+        stop.set()
         _stop(workers)
         log.stop()
         await reader
+        with contextlib.suppress(Exception):
+            await producer
     times = sorted(t for t, _ in log.arrivals)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    ids = {meta.frame_id for meta, _, _ in frames}
+    ids = set(sent)
     seen = [frame_id for _, frame_id in log.arrivals if frame_id in ids]
-    return {"frames": len(frames), "rate_fps": round(rate, 1), "verdicts": len(seen),
+    return {"frames": len(ids), "rate_fps": round(rate, 1), "verdicts": len(seen),
             "lost_frames": len(ids - set(seen)), "duplicate_verdicts": len(seen) - len(set(seen)),
             "duplicates_after_dedupe": 0, "longest_pause_s": round(max(gaps, default=0.0), 2), **events}
 
@@ -171,11 +233,13 @@ def scale_benchmark(frames: int = 240, encoder: str | None = None) -> dict:
             references.add_images(product, [(f"{product}-{i}.png", as_published(image, 90)) for i, image in
                                             enumerate(simulator.normal_references(product, REFERENCES))])
         with EmbeddedStack(base, with_influx=False) as stack:
-            batch = _frames(frames, seed=7)
+            # six cameras, one per partition: with keys that share partitions, one worker would get every frame
+            cameras = cameras_on_every_partition(spec(FRAMES).partitions)
+            batch = _frames(frames, seed=7, cameras=cameras)
             one = asyncio.run(_drain(phase_settings(base, stack, "scale-one."), batch, [0], encoder))
             two = asyncio.run(_drain(phase_settings(base, stack, "scale-two."), batch, [0, 1], encoder))
             rebalance = asyncio.run(_rebalance(phase_settings(base, stack, "scale-rebalance."),
-                                               _frames(frames, seed=8), 0.8 * one, encoder))
+                                               _frames(frames, seed=8, cameras=cameras), 0.8 * one, encoder))
     one, two = round(one, 2), round(two, 2)
     return {"frames": frames, "encoder": encoder or "efficientnet-lite0", "taskset": bool(shutil.which("taskset")),
             "fps_1_worker": one, "fps_2_workers": two, "speedup_2_workers": round(two / one, 2),
@@ -191,14 +255,18 @@ def scale_section(result: dict | None = None, frames: int = 240) -> str:
         f"Machine: {machine()}. Whole section: {result['minutes']:.1f} min. Command: `lineguard bench scale "
         f"--frames {result['frames']} --json`. Each worker is a `lineguard infer` process ({result['encoder']}, "
         "one torch thread) pinned with `taskset` to its own core, in one consumer group on the 6-partition "
-        "frames topic of the embedded broker; references come from the shared artifact store. Frames/s from "
-        "the first verdict to the last of a backlog; the baseline is one worker, measured in the same run.\n\n"
+        "frames topic of the embedded broker; references come from the shared artifact store. The frames come from "
+        "six cameras, one per partition (frames are keyed by camera). Frames/s from the first verdict to the last "
+        "of a backlog published once the workers hold the partitions; the baseline is one worker, measured in the "
+        "same run.\n\n"
         "| workers | frames/s | ratio to 1 worker |\n|---|---|---|\n"
         f"| 1 (core 0) | {result['fps_1_worker']:.2f} | 1.00 |\n"
         f"| 2 (cores 0, 1) | {result['fps_2_workers']:.2f} | {result['speedup_2_workers']:.2f} |\n\n"
         f"Target `speedup_2_workers` ≥ 1.7: {met}.\n\n"
-        f"Rebalance: {r['frames']} frames published at {r['rate_fps']} frames/s to one worker; a second joined "
-        f"after {r['added_at_verdict']} verdicts and the first was stopped with SIGTERM after "
-        f"{r['stopped_at_verdict']} (exit {r['first_worker_exit']}). Lost frames: {r['lost_frames']}; verdicts "
+        f"Rebalance: frames published at {r['rate_fps']} frames/s (0.8x one worker's speed) to one worker; a second "
+        f"was started after {r['added_at_verdict']} verdicts and was given partitions after "
+        f"{r['joined_at_verdict']} (the rebalance on join); the first was stopped with SIGTERM after "
+        f"{r['stopped_at_verdict']} (exit {r['first_worker_exit']}), and the stream ended after {r['frames']} frames. "
+        f"Lost frames: {r['lost_frames']}; verdicts "
         f"re-sent for frames already answered: {r['duplicate_verdicts']} (0 after de-duplication by frame id); "
         f"longest pause between two verdicts: {r['longest_pause_s']} s.\n")

