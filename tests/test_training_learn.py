@@ -71,3 +71,45 @@ def test_frames_labelled_good_teach_a_new_normal_variation_and_defects_stay_flag
         score_with(model, "disc", candidate.state, fresh), score_with(model, "disc", candidate.state, defects[4:])]),
         threshold)
     assert report["balanced_accuracy"] >= 85 and report["threshold_gap"] >= 0
+
+
+def test_confirmed_defects_teach_the_learned_prototypes_with_the_operators_mask_or_the_verdicts_regions():
+    """Confirmed defects join the simulated anomalies that fit the prototypes: new defects of their kind stand
+    further above the good parts than under the references-only prototypes. A defect without a drawn mask is
+    located by the live model's map."""
+    import cv2
+    import torch
+
+    from inference.model.api import InspectionModel, ModelConfig
+    from ingest.simulator import LineSimulator
+    from training.learn import defect_mask
+
+    simulator = LineSimulator(products=("disc",), seed=11)
+    model = InspectionModel(ModelConfig(device="cpu", n_jitter=4, prototype_views=8, prototype_steps=30))
+    model.set_references("disc", simulator.normal_references("disc", 2))
+    live = model.states["disc"]
+    parts = [simulator.part(200 + i, "disc", defect_type="dent") for i in range(12)]
+    goods = [simulator.part(300 + i, "disc", defect_type=None).image for i in range(8)]
+    confirmed, fresh = parts[:6], parts[6:]
+
+    drawn = model.prototypes_with("disc", [(p.image, p.mask) for p in confirmed])
+    assert not all(torch.equal(a, b) for a, b in zip(drawn, live.prompts, strict=True))
+    taught = model.widened("disc", [], prompts=drawn)
+
+    def separation(state) -> float:
+        """How far the new defects' median score stands above the good parts' highest (log)."""
+        defects = score_with(model, "disc", state, [p.image for p in fresh])
+        return float(np.log(np.median(defects)) - np.log(score_with(model, "disc", state, goods).max()))
+
+    assert separation(taught) > separation(live) + 0.05, (separation(taught), separation(live))
+
+    # without a drawn mask, the verdict's regions stand in: they overlap the true defect
+    located = defect_mask(model, "disc", confirmed[0].image)
+    truth = confirmed[0].mask > 0
+    located = cv2.resize(located.astype(np.uint8), truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    assert (located & truth).sum() > 0.3 * truth.sum()
+    labelled = [Labelled(p.image, True) for p in confirmed] + [Labelled(g, False) for g in goods[:4]]
+    candidate = learn(model, "disc", labelled)
+    assert not all(torch.equal(a, b) for a, b in zip(candidate.state.prompts, live.prompts, strict=True))
+    assert len(candidate.defect_scores) == 6 and (candidate.defect_scores > 0).all()
+

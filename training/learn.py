@@ -3,6 +3,9 @@
 What the labels teach, and how:
 - frames labelled **good** join the product's normal memory (bounded by the coreset as always), so that
   kind of normal part stops being flagged;
+- frames confirmed **defective** join the simulated anomalies that fit the learned prototypes (encoders
+  without a text tower), located by the operator's mask, or else by the live model's map (the verdict's
+  regions); each is scored by prototypes fitted without it (cross-fitting), like a new defect of its kind;
 - the **threshold** is re-derived from the labelled frames' scores under the candidate memory. A frame
   labelled good is scored by a memory that does not hold it (cross-fitting over `folds`), as a new part
   of its kind would be. With both classes the labels give a range of cuts with the best balanced
@@ -36,16 +39,19 @@ class LearnConfig:
     max_factor: float = 4.0          # the learned threshold stays within [auto / 4, auto * 4]
     max_normals: int = 64            # at most this many frames labelled good join the memory (the newest)
     margin: float = 1.02             # one-class bounds sit this factor beyond the labelled scores
+    defect_prototypes: bool = True   # confirmed defects join the simulated anomalies of the learned prototypes
     edge: float = 0.5                # a threshold the labels move goes this share of their best range inside it
                                      # (0.5: its middle; 0.25 moved less, and lost defect recall in a test)
 
 
 @dataclass
 class Labelled:
-    """One labelled frame: its pixels (H, W, 3 uint8 RGB) and the operator's judgement."""
+    """One labelled frame: its pixels (H, W, 3 uint8 BGR, as the worker decodes frames), the operator's
+    judgement and, for a defect, the operator's mask when one was drawn (any size: resized to the frame)."""
 
     image: np.ndarray
     is_defect: bool
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -105,6 +111,18 @@ def choose_threshold(auto: float, good: np.ndarray, defect: np.ndarray,
     return float(np.clip(threshold, auto / config.max_factor, auto * config.max_factor)), method
 
 
+def defect_mask(model: InspectionModel, product: str, image: np.ndarray) -> np.ndarray:
+    """Where the live model sees the defect of a frame confirmed defective without a drawn mask: the verdict's
+    regions (the map above the region level), or the map's top 1 % when the frame was not flagged."""
+    anomaly_map = model.score([(product, image)])[0].anomaly_map
+    mask = anomaly_map > model.states[product].calibration.region_level
+    return mask if mask.any() else anomaly_map >= np.quantile(anomaly_map, 0.99)
+
+
+def _folds(n: int, parts: int, seed: int) -> list[np.ndarray]:
+    return np.array_split(np.random.default_rng(seed).permutation(n), min(parts, n)) if n else []
+
+
 def learn(model: InspectionModel, product: str, labelled: list[Labelled], config: LearnConfig | None = None,
           seed: int = 0) -> Candidate:
     """A candidate state of `product` (the model's live state is left as it is)."""
@@ -112,20 +130,31 @@ def learn(model: InspectionModel, product: str, labelled: list[Labelled], config
     live = model.states[product]
     auto = live.calibration.threshold
     goods = [x.image for x in labelled if not x.is_defect][-config.max_normals:]
-    defects = [x.image for x in labelled if x.is_defect]
+    defects = [x for x in labelled if x.is_defect]
+    # confirmed defects, with where they are, teach the learned prototypes (encoders without a text tower)
+    confirmed = [(x.image, x.mask if x.mask is not None else defect_mask(model, product, x.image))
+                 for x in defects] if config.defect_prototypes and model.learns_prototypes else []
+    prompts = model.prototypes_with(product, confirmed) if confirmed else None
     good_scores = np.zeros(len(goods))
-    if goods:
-        folds = np.array_split(np.random.default_rng(seed).permutation(len(goods)), min(config.folds, len(goods)))
-        for fold in folds:
-            rest = [goods[i] for i in np.setdiff1d(np.arange(len(goods)), fold)]
-            good_scores[fold] = score_with(model, product, model.widened(product, rest), [goods[i] for i in fold])
-    state = model.widened(product, goods) if goods else live
-    defect_scores = score_with(model, product, state, defects)
+    for fold in _folds(len(goods), config.folds, seed):
+        rest = [goods[i] for i in np.setdiff1d(np.arange(len(goods)), fold)]
+        good_scores[fold] = score_with(model, product, model.widened(product, rest, prompts=prompts),
+                                       [goods[i] for i in fold])
+    state = model.widened(product, goods, prompts=prompts) if goods or confirmed else live
+    defect_scores = np.zeros(len(defects))
+    if confirmed:   # a confirmed defect is scored by prototypes that did not learn from it
+        for fold in _folds(len(defects), config.folds, seed + 1):
+            others = [confirmed[i] for i in np.setdiff1d(np.arange(len(defects)), fold)]
+            held = model.widened(product, goods, prompts=model.prototypes_with(product, others))
+            defect_scores[fold] = score_with(model, product, held, [defects[i].image for i in fold])
+    else:
+        defect_scores = score_with(model, product, state, [x.image for x in defects])
     threshold, method = choose_threshold(auto, good_scores, defect_scores, config)
     normal = float(np.median(good_scores)) if goods else live.calibration.normal_score * threshold / auto
     calibration = Calibration(threshold=threshold, normal_score=min(max(normal, 1e-6), threshold / 1.2),
                               method=method, n_samples=len(labelled), normal_sigmas=live.calibration.normal_sigmas)
-    state = ProductState(state.memory, calibration, state.prompts, state.semantic_offset, state.references)
+    state = ProductState(state.memory, calibration, state.prompts, state.semantic_offset, state.references,
+                         tiling=state.tiling)
     return Candidate(state, method, auto, good_scores, defect_scores)
 
 

@@ -125,8 +125,19 @@ def _image(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
         data = store.artifacts.get(example.image_uri)
     except Exception:  # noqa: BLE001 - a purged image: that label cannot teach anything
         return None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else image[..., ::-1].copy()
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)   # BGR, as the worker decodes frames
+
+
+def _mask(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
+    """The operator's mask of a frame labelled defective (True where the defect is), when one was drawn."""
+    if not example.is_defect or not example.mask_uri:
+        return None
+    try:
+        data = store.artifacts.get(example.mask_uri)
+    except Exception:  # noqa: BLE001 - a purged mask: the verdict's regions stand in for it
+        return None
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return None if mask is None or not mask.any() else mask > 0
 
 
 def _split(examples: list[TrainingExample], holdout: float) -> tuple[list, list]:
@@ -151,8 +162,8 @@ def train_product(model, product: str, examples: list[TrainingExample], store: R
                              parent=parent)
     fit, held_out = _split([e for e, _ in labelled], gate.holdout)
     images = {e.frame_id: image for e, image in labelled}
-    candidate = learn(model, product, [Labelled(images[e.frame_id], e.is_defect) for e in fit], learn_config,
-                      seed=seed)
+    candidate = learn(model, product, [Labelled(images[e.frame_id], e.is_defect, _mask(store, e)) for e in fit],
+                      learn_config, seed=seed)
 
     held_images = [images[e.frame_id] for e in held_out]
     held_labels = np.array([e.is_defect for e in held_out], bool)

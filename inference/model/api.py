@@ -196,16 +196,43 @@ class InspectionModel:
         return state
 
     @torch.inference_mode()
-    def widened(self, product: str, normals: list[np.ndarray], calibration: Calibration | None = None) -> ProductState:
+    def widened(self, product: str, normals: list[np.ndarray], calibration: Calibration | None = None,
+                prompts=None) -> ProductState:
         """A new state of `product` whose memory holds its references plus more known-normal images (frames
-        operators labelled good), bounded by the coreset as always; prompts and, unless given, the
-        calibration are the current state's. The model itself is not changed."""
+        operators labelled good), bounded by the coreset as always; prompts (unless given: see
+        `prototypes_with`) and, unless given, the calibration are the current state's. The model itself is
+        not changed."""
         state = self.states[product]
+        prompts = state.prompts if prompts is None else prompts
         memory, semantic_offset = self._memory(
-            self.encoder.preprocess(self._views(state.references, state.tiling)[0]), state.prompts,
+            self.encoder.preprocess(self._views(state.references, state.tiling)[0]), prompts,
             self.encoder.preprocess(self._views(list(normals), state.tiling)[0]) if normals else None)
-        return ProductState(memory, calibration or state.calibration, state.prompts, semantic_offset,
+        return ProductState(memory, calibration or state.calibration, prompts, semantic_offset,
                             state.references, tiling=state.tiling)
+
+    @property
+    def learns_prototypes(self) -> bool:
+        """Whether the semantic branch is learned per product (an encoder without a text tower)."""
+        return not self.encoder.has_text and self.config.prototype_views > 0
+
+    @torch.inference_mode()
+    def prototypes_with(self, product: str, defects: list[tuple[np.ndarray, np.ndarray]]):
+        """The product's learned prototypes fitted again, with confirmed defects beside the simulated anomalies:
+        `defects` are (frame, mask) pairs, the mask (any size, resized to the frame) marking the defect. An
+        encoder with a text tower keeps its prompts."""
+        state = self.states[product]
+        if not self.learns_prototypes or not defects or not state.references:
+            return state.prompts
+        views, masks = [], []
+        for image, mask in defects:
+            height, width = image.shape[:2]
+            full = cv2.resize(np.asarray(mask, np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+            views += self._views([image], state.tiling)[0]
+            masks += self._views([full], state.tiling)[0]
+        size = self.encoder.image_size
+        masks = np.stack([cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0 for m in masks])
+        pixels = self.encoder.preprocess(self._views(state.references, state.tiling)[0])
+        return self._fit_prototypes(pixels, product, (self.encoder.preprocess(views), torch.from_numpy(masks)))
 
     def _memory(self, pixels: torch.Tensor, prompts: torch.Tensor | None,
                 extra: torch.Tensor | None = None) -> tuple[ReferenceMemory, float]:
@@ -283,9 +310,11 @@ class InspectionModel:
             maps = np.where(valid, maps, -np.inf)
         return maps.reshape(len(maps), -1).max(1)
 
-    def _fit_prototypes(self, pixels: torch.Tensor, product: str) -> list[torch.Tensor]:
+    def _fit_prototypes(self, pixels: torch.Tensor, product: str,
+                        confirmed: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Learned [normal, abnormal] prototypes of a product without a text tower: its reference views are
-        the normal class, simulated anomalies on them (synthetic.py) the abnormal one."""
+        the normal class, simulated anomalies on them (synthetic.py) the abnormal one, joined by `confirmed`
+        defects ((n, 3, S, S) uint8 views, (n, S, S) bool masks) when operators confirmed some."""
         rng = np.random.default_rng([self.config.seed, _stable_hash(product), 1])
         k = pixels.shape[0]
         pick = rng.permutation(k)[:16]                                   # enough normal variety, bounded cost
@@ -293,13 +322,16 @@ class InspectionModel:
         images = [pixels[i].permute(1, 2, 0).numpy() for i in pick]
         anomalous, masks = simulate_batch(images, self.config.prototype_views, rng)
         anomalous = torch.from_numpy(anomalous).permute(0, 3, 1, 2)      # (n, 3, S, S) uint8
+        masks = torch.from_numpy(masks)
+        if confirmed is not None:
+            anomalous, masks = torch.cat([anomalous, confirmed[0]]), torch.cat([masks, confirmed[1]])
 
         def encode(views: torch.Tensor) -> list[torch.Tensor]:
             parts = [self._encode(batch).patch_features for batch in views.split(self.config.batch_size)]
             return [torch.cat(stage).float() for stage in zip(*parts, strict=True)]
 
-        return self.decoder.semantic.fit(encode(normal), encode(anomalous),
-                                         torch.from_numpy(masks).to(self.device), steps=self.config.prototype_steps)
+        return self.decoder.semantic.fit(encode(normal), encode(anomalous), masks.to(self.device),
+                                         steps=self.config.prototype_steps)
 
     def _prompts(self, product: str) -> torch.Tensor:
         """(2, D) unit-norm mean embeddings of AnomalyGPT's normal and abnormal prompt ensembles."""
