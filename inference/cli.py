@@ -33,6 +33,8 @@ def infer_command(
     http_host: str = typer.Option("127.0.0.1", help="Address of /healthz and /metrics (0.0.0.0: every interface)."),
     text: bool = typer.Option(True, help="Attach the LVLM's answer to flagged verdicts."),
     group_id: str = typer.Option("lineguard-inference", help="Kafka consumer group of the workers."),
+    model_threads: int = typer.Option(0, min=0, help="Model calls in flight (0 = the fastest, measured at start-up "
+                                                     "on a CPU; 2 on a GPU)."),
 ) -> None:
     """Consume frames, score them in dynamic batches, publish a Verdict and a Heatmap for each."""
     from inference.registry import ModelRegistry
@@ -42,7 +44,8 @@ def infer_command(
     settings = cli_settings()
     scorer = build_scorer(encoder=encoder, device=device, text=text, batch_size=max_batch)
     config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
-                          http_port=None if http_port < 0 else http_port, http_host=http_host)
+                          http_port=None if http_port < 0 else http_port, http_host=http_host,
+                          model_threads=model_threads)
     worker = InferenceWorker(settings, scorer, config, registry=ModelRegistry.from_settings(settings))
 
     async def main() -> None:

@@ -146,7 +146,8 @@ class WorkerConfig:
     queue_batches: int = 2            # batches buffered between stages
     model_threads: int = 2            # model calls in flight. CUDA: one batch's CPU pre/post-processing
                                       # overlaps the next one's GPU work. CPU: batches run side by side,
-                                      # each on its share of the cores (model_cpu_threads)
+                                      # each on its share of the cores (model_cpu_threads). 0 = measured at
+                                      # start-up (CPU): see `tune_threads`
     model_cpu_threads: int | None = None  # torch threads per model call on a CPU; None = torch's own thread
                                           # count (the usable cores) / model_threads
     drain_timeout_s: float = 30.0
@@ -172,20 +173,50 @@ class InferenceWorker:
         self._failures_in_a_row = 0
         self.failure: BaseException | None = None    # why the worker stopped on its own
         self.decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
-        device = getattr(getattr(model, "device", None), "type", "cpu")
-        self.model_threads = max(1, self.config.model_threads)
-        initializer = None
-        if device == "cpu":
-            # one torch thread team per model thread, sized so the teams share the cores instead of
-            # fighting over them (OpenMP teams spin-wait: two full-size teams halve the speed of both)
-            per_call = self.config.model_cpu_threads or max(1, _torch_threads() // self.model_threads)
-            initializer = partial(_set_torch_threads, per_call)
-        self.model_pool = ThreadPoolExecutor(self.model_threads, thread_name_prefix="model", initializer=initializer)
+        self.device = getattr(getattr(model, "device", None), "type", "cpu")
+        self.cores = _torch_threads()    # torch's thread count here, at start: the cores it may use
+        self.model_threads = max(1, self.config.model_threads or 2)   # auto (0): until measured in run()
+        self.model_pool = self._model_pool(self.model_threads, self.config.model_cpu_threads)
         self.text_pool = ThreadPoolExecutor(1, thread_name_prefix="text")
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
         self._stopping = asyncio.Event()
         self._ready = False
+
+    def _model_pool(self, threads: int, per_call: int | None) -> ThreadPoolExecutor:
+        initializer = None
+        if self.device == "cpu":
+            # one torch thread team per model thread, sized so the teams share the cores instead of
+            # fighting over them (OpenMP teams spin-wait: two full-size teams halve the speed of both)
+            per_call = per_call or max(1, self.cores // threads)
+            initializer = partial(_set_torch_threads, per_call)
+        return ThreadPoolExecutor(threads, thread_name_prefix="model", initializer=initializer)
+
+    def tune_threads(self) -> tuple[int, int | None]:
+        """(model threads, torch threads per call) that score fastest on this CPU, timed on a batch of the
+        products' references: one call at a time on one core, one call on every core, or one call per core.
+        A compute-bound model (efficientnet-lite0) gains from calls side by side; a model whose time is in
+        Python (a tiny ViT) loses, because its calls take turns with the GIL. CUDA, or nothing to time on:
+        the configured default."""
+        cores = self.cores
+        canaries = list(self._canaries.items()) or [
+            (product, state.references[0]) for product, state in getattr(self.model, "states", {}).items()
+            if getattr(state, "references", None)]
+        if self.device != "cpu" or not canaries or cores < 2:
+            return max(1, self.config.model_threads or 2), self.config.model_cpu_threads
+        batch = [FrameInput(canaries[i % len(canaries)][1], canaries[i % len(canaries)][0])
+                 for i in range(self.config.max_batch)]
+        speeds = {}
+        for threads, per_call in ((1, 1), (1, cores), (cores, 1)):
+            with ThreadPoolExecutor(threads, initializer=partial(_set_torch_threads, per_call)) as pool:
+                list(pool.map(self.model.score, [batch] * threads))               # warm-up
+                started = time.perf_counter()
+                list(pool.map(self.model.score, [batch] * threads))
+                speeds[threads, per_call] = threads * len(batch) / (time.perf_counter() - started)
+        best = max(speeds, key=speeds.get)
+        log.info("model_threads_tuned", threads=best[0], torch_threads=best[1],
+                 frames_per_s={f"{t}x{c}": round(v, 1) for (t, c), v in speeds.items()})
+        return best
 
     # -- public ---------------------------------------------------------------------------------
     def load_references(self, products: list[str] | None = None) -> list[str]:
@@ -256,6 +287,10 @@ class InferenceWorker:
 
     async def run(self) -> None:
         await asyncio.to_thread(self.load_references)
+        if self.config.model_threads == 0:
+            threads, per_call = await asyncio.to_thread(self.tune_threads)
+            self.model_pool.shutdown()
+            self.model_threads, self.model_pool = threads, self._model_pool(threads, per_call)
         self.producer = await start_client(self.settings, make_producer(self.settings))
         self.consumer = AIOKafkaConsumer(**consumer_kwargs(self.settings, self.config.group_id)
                                          | {"max_poll_records": self.config.max_batch})

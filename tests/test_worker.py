@@ -124,12 +124,21 @@ async def _run_worker_until(settings, model, expect_verdicts: int, produce, conf
 
 
 def test_simulated_defects_are_flagged(settings, model):
+    """With the `lineguard infer` default of measuring the model threading at start-up."""
+    from structlog.testing import capture_logs
+
     n = 48
 
     async def produce():
         await publish(open_source("simulator", defect_rate=0.5, seed=11), settings, cameras=2, limit=n)
 
-    asyncio.run(_run_worker_until(settings, model, n, produce))
+    config = WorkerConfig(max_batch=8, max_wait_ms=30, explain=False, group_id=group(settings), model_threads=0)
+    with capture_logs() as logs:
+        worker = asyncio.run(_run_worker_until(settings, model, n, produce, config))
+    [tuned] = [entry for entry in logs if entry["event"] == "model_threads_tuned"]
+    assert len(tuned["frames_per_s"]) == 3 and "1x1" in tuned["frames_per_s"]     # 1x1, 1xN and Nx1 on N cores
+    best = max(tuned["frames_per_s"], key=tuned["frames_per_s"].get)
+    assert f"{tuned['threads']}x{tuned['torch_threads']}" == best and worker.model_threads == tuned["threads"]
     outputs = Outputs(settings).read(expect=n)
     verdicts = [v[0] for v in outputs.verdicts.values()]
     assert len(verdicts) == n and set(outputs.heatmaps) == set(outputs.verdicts)
