@@ -96,20 +96,29 @@ def _frames(n: int, seed: int = 0, frame_size: tuple[int, int] | None = None,
     return frames
 
 
-async def _produce(settings: Settings, frames, rate: float | None = None) -> None:
+async def _produce(settings: Settings, frames, rate: float | None = None, until: asyncio.Event | None = None,
+                   sent: list[str] | None = None) -> None:
+    """Publish `frames` (at `rate` frames/s, or at once). With `until`, cycle them under fresh frame ids until
+    it is set; `sent` collects the frame ids published."""
     producer = await start_client(settings, make_producer(settings))
     try:
-        started = time.monotonic()
-        futures = []
-        for index, (meta, jpeg, _) in enumerate(frames):
+        started, index, futures = time.monotonic(), 0, []
+        while (index < len(frames)) if until is None else not until.is_set():
             if rate:
                 delay = started + index / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            meta = meta.model_copy(update={"captured_at": datetime.now(UTC)})
+            meta, jpeg, _ = frames[index % len(frames)]
+            update = {"captured_at": datetime.now(UTC)}
+            if until is not None:
+                update |= {"frame_id": f"{meta.frame_id}.{index}", "seq": index}
+            meta = meta.model_copy(update=update)
             value, headers = encode_frame(meta, jpeg)
             futures.append(await producer.send(settings.topic(FRAMES), value, key=meta.camera_id.encode(),
                                                headers=headers))
+            if sent is not None:
+                sent.append(meta.frame_id)
+            index += 1
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -493,8 +502,7 @@ def fast_model_rows(fast: dict, command: str) -> list[str]:
         f"(target ≤ 1.0 ms: {'meets' if overhead_ms(fast) <= 1.0 else 'misses'}). The worker measures at start-up "
         "which model threading scores fastest (`WorkerConfig.model_threads` 0, the `lineguard infer` default): "
         "this tiny ViT spends its time in Python, so one call at a time on one torch thread beats calls side by "
-        "side, which take turns with the GIL; before that measurement the worker ran two calls side by side "
-        "and the overhead was 5.2 ms.",
+        "side, which take turns with the GIL.",
         "",
     ]
 

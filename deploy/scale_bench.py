@@ -33,15 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from deploy.bench import _frames, _produce, cameras_on_every_partition, machine, phase_settings
 from deploy.stack import EmbeddedStack
 from ingest.publisher import as_published
 from ingest.simulator import PRODUCTS, LineSimulator
-from lineguard.events import Verdict, encode_frame
-from lineguard.kafka import make_consumer, make_producer, start_client
+from lineguard.events import Verdict
+from lineguard.kafka import make_consumer, start_client
 from lineguard.settings import Settings, load_settings
 from lineguard.topics import FRAMES, VERDICTS, spec
 
@@ -146,36 +145,10 @@ def _assigned(worker: subprocess.Popen) -> list[int]:
     return latest
 
 
-def _joined(worker: subprocess.Popen) -> bool:
-    return bool(_assigned(worker))
-
-
 def _split(workers: list[subprocess.Popen], partitions: int) -> bool:
     """Whether every worker holds partitions, and together they hold each partition once."""
     held = [_assigned(worker) for worker in workers]
     return all(held) and sorted(p for mine in held for p in mine) == list(range(partitions))
-
-
-async def _stream(settings: Settings, frames, rate: float, stop: asyncio.Event, sent: list[str]) -> None:
-    """Publish `frames` cycled under fresh frame ids at `rate` frames/s until `stop` is set."""
-    producer = await start_client(settings, make_producer(settings))
-    try:
-        started, index, futures = time.monotonic(), 0, []
-        while not stop.is_set():
-            delay = started + index / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            meta, jpeg, _ = frames[index % len(frames)]
-            meta = meta.model_copy(update={"frame_id": f"{meta.frame_id}.{index}", "seq": index,
-                                           "captured_at": datetime.now(UTC)})
-            value, headers = encode_frame(meta, jpeg)
-            futures.append(await producer.send(settings.topic(FRAMES), value, key=meta.camera_id.encode(),
-                                               headers=headers))
-            sent.append(meta.frame_id)
-            index += 1
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def _rebalance(settings: Settings, frames, rate: float, encoder: str | None, step: int = 80) -> dict:
@@ -188,13 +161,13 @@ async def _rebalance(settings: Settings, frames, rate: float, encoder: str | Non
     workers = [_worker(settings, 0, group, encoder)]
     sent: list[str] = []
     stop = asyncio.Event()
-    producer = asyncio.create_task(_stream(settings, frames, rate, stop, sent))
+    producer = asyncio.create_task(_produce(settings, frames, rate=rate, until=stop, sent=sent))
     events = {}
     try:
         await _until(lambda: log.unique() >= step // 2, workers, 600)
         workers.append(_worker(settings, 1, group, encoder))              # joins mid-stream
         events["added_at_verdict"] = log.unique()
-        await _until(lambda: _joined(workers[1]), workers, 600)
+        await _until(lambda: bool(_assigned(workers[1])), workers, 600)
         events["joined_at_verdict"] = joined = log.unique()
         await _until(lambda: log.unique() >= joined + step, workers, 600)
         events["stopped_at_verdict"] = stopped = log.unique()

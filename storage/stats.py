@@ -597,7 +597,6 @@ class StatsService:
                  duplicates=counters.duplicates, late=counters.late, windows_final=counters.windows_final,
                  points_written=self.writer.stats.written, bad_verdicts=self.bad_verdicts)
 
-
     def health(self) -> dict:
         """What `/healthz` answers: the state, and whether InfluxDB takes the points (they wait in a bounded
         buffer while it does not, so an outage alone does not make the service unhealthy)."""

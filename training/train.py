@@ -118,25 +118,25 @@ def judge(current: dict, candidate: dict, config: GateConfig) -> list[str]:
 
 # --- one product -----------------------------------------------------------------------------------
 
-def _image(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
-    if not example.image_uri:
+def _artifact_image(store: RecordStore, uri: str | None, flags: int) -> np.ndarray | None:
+    """A stored image decoded with cv2 `flags`; None when there is none (never stored, or purged)."""
+    if not uri:
         return None
     try:
-        data = store.artifacts.get(example.image_uri)
-    except Exception:  # noqa: BLE001 - a purged image: that label cannot teach anything
+        data = store.artifacts.get(uri)
+    except Exception:  # noqa: BLE001 - a purged artifact: the label teaches without it, or not at all
         return None
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)   # BGR, as the worker decodes frames
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
+def _image(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
+    return _artifact_image(store, example.image_uri, cv2.IMREAD_COLOR)   # BGR, as the worker decodes frames
 
 
 def _mask(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
-    """The operator's mask of a frame labelled defective (True where the defect is), when one was drawn."""
-    if not example.is_defect or not example.mask_uri:
-        return None
-    try:
-        data = store.artifacts.get(example.mask_uri)
-    except Exception:  # noqa: BLE001 - a purged mask: the verdict's regions stand in for it
-        return None
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    """The operator's mask of a frame labelled defective (True where the defect is), when one was drawn; else
+    the verdict's regions stand in for it (training/learn.py)."""
+    mask = _artifact_image(store, example.mask_uri, cv2.IMREAD_GRAYSCALE) if example.is_defect else None
     return None if mask is None or not mask.any() else mask > 0
 
 
