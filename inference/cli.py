@@ -35,6 +35,9 @@ def infer_command(
     group_id: str = typer.Option("lineguard-inference", help="Kafka consumer group of the workers."),
     model_threads: int = typer.Option(0, min=0, help="Model calls in flight (0 = the fastest, measured at start-up "
                                                      "on a CPU; 2 on a GPU)."),
+    model_process: bool = typer.Option(None, "--model-process/--no-model-process",
+                                       help="Score in a process of its own (default: when the start-up measure "
+                                            "finds the model's time is in Python, on a CPU)."),
 ) -> None:
     """Consume frames, score them in dynamic batches, publish a Verdict and a Heatmap for each."""
     from inference.registry import ModelRegistry
@@ -45,7 +48,7 @@ def infer_command(
     scorer = build_scorer(encoder=encoder, device=device, text=text, batch_size=max_batch)
     config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
                           http_port=None if http_port < 0 else http_port, http_host=http_host,
-                          model_threads=model_threads)
+                          model_threads=model_threads, model_process=model_process)
     worker = InferenceWorker(settings, scorer, config, registry=ModelRegistry.from_settings(settings))
 
     async def main() -> None:

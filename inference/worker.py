@@ -6,8 +6,8 @@ model never waits for I/O and a slow stage pushes back on the fetch:
     fetch    consumer.getmany() until --max-batch frames or --max-wait-ms   (event loop)
     decode   FrameMeta + JPEG header → size policy → memory budget → image   (thread pool)
              bad, oversize or mismatched frames → dead letters
-    score    model.score(batch of mixed products); a frame that makes it     (model thread)
-             raise is isolated by halving the batch and dead-lettered
+    score    model.score(batch of mixed products); a frame that makes it     (model thread, or a
+             raise is isolated by halving the batch and dead-lettered         model process)
     publish  Verdict + Heatmap → send, await acks                           (event loop + PNG thread)
     explain  flagged frames only: the answer (model.explain), then Verdict  (text thread)
 
@@ -20,6 +20,10 @@ Memory: every frame reserves its cost (from the size in its JPEG header) in a `M
 is decoded and gives it back once it is published or dead-lettered; a spent budget stops the decode
 stage, whose full queue stops the fetch. A model that fails on every frame, references included, stops
 the worker (`ModelBroken`) instead of dead-lettering the line; nothing past the failed frames is committed.
+
+Threading: at start-up the worker times the model on its references (`tune_threads`). A model whose time is
+in Python (one call at a time on one core scores fastest) is moved into a process of its own
+(inference/model_process.py), so the pipeline's Python does not take turns with it for the GIL.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aiokafka.structs import TopicPartition
 
 from inference import frames
 from inference.budget import MemoryBudget
+from inference.model_process import ModelProcessDied
 from inference.offsets import OffsetTracker
 from inference.outputs import heatmap_png, heatmap_side, overlay_jpeg
 from inference.references import ReferenceStore
@@ -155,6 +160,9 @@ class WorkerConfig:
     http_host: str = "127.0.0.1"      # 0.0.0.0: reachable from outside (a pod's HTTP probes, Prometheus)
     explain: bool = True              # attach LVLM answers to flagged verdicts
     reduced_decode: bool = True       # decode JPEGs at the DCT scale the model needs (1/2, 1/4, 1/8)
+    model_process: bool | None = None  # score in a child process (inference/model_process.py), away from the
+                                       # pipeline's GIL; None = when the start-up measure finds one call at a
+                                       # time on one core fastest (the model's time is in Python), on a CPU
 
 
 class InferenceWorker:
@@ -177,6 +185,7 @@ class InferenceWorker:
         self.cores = _torch_threads()    # torch's thread count here, at start: the cores it may use
         self.model_threads = max(1, self.config.model_threads or 2)   # auto (0): until measured in run()
         self.model_pool = self._model_pool(self.model_threads, self.config.model_cpu_threads)
+        self.scoring = model          # what scores batches: the model, or its ModelProcess
         self.text_pool = ThreadPoolExecutor(1, thread_name_prefix="text")
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
@@ -185,10 +194,12 @@ class InferenceWorker:
 
     def _model_pool(self, threads: int, per_call: int | None) -> ThreadPoolExecutor:
         initializer = None
+        self._model_torch_threads = None
         if self.device == "cpu":
             # one torch thread team per model thread, sized so the teams share the cores instead of
             # fighting over them (OpenMP teams spin-wait: two full-size teams halve the speed of both)
             per_call = per_call or max(1, self.cores // threads)
+            self._model_torch_threads = per_call
             initializer = partial(_set_torch_threads, per_call)
         return ThreadPoolExecutor(threads, thread_name_prefix="model", initializer=initializer)
 
@@ -217,6 +228,22 @@ class InferenceWorker:
         log.info("model_threads_tuned", threads=best[0], torch_threads=best[1],
                  frames_per_s={f"{t}x{c}": round(v, 1) for (t, c), v in speeds.items()})
         return best
+
+    def _wants_model_process(self) -> bool:
+        if self.config.model_process is not None:
+            return self.config.model_process
+        return (self.config.model_threads == 0 and self.device == "cpu" and self.cores >= 2
+                and self.model_threads == 1 and self._model_torch_threads == 1)
+
+    def _start_model_process(self) -> None:
+        """Score in a child process; two calls in flight, so the next batch is sent while the child scores."""
+        from inference.model_process import ModelProcess
+
+        self.scoring = ModelProcess(self.model, torch_threads=self._model_torch_threads or 1)
+        self.model_pool.shutdown()
+        self.model_threads = 2
+        self.model_pool = ThreadPoolExecutor(self.model_threads, thread_name_prefix="model")
+        log.info("model_process_used", pid=self.scoring.pid, torch_threads=self._model_torch_threads or 1)
 
     # -- public ---------------------------------------------------------------------------------
     def load_references(self, products: list[str] | None = None) -> list[str]:
@@ -291,6 +318,8 @@ class InferenceWorker:
             threads, per_call = await asyncio.to_thread(self.tune_threads)
             self.model_pool.shutdown()
             self.model_threads, self.model_pool = threads, self._model_pool(threads, per_call)
+        if self._wants_model_process():
+            await asyncio.to_thread(self._start_model_process)
         self.producer = await start_client(self.settings, make_producer(self.settings))
         self.consumer = AIOKafkaConsumer(**consumer_kwargs(self.settings, self.config.group_id)
                                          | {"max_poll_records": self.config.max_batch})
@@ -328,6 +357,8 @@ class InferenceWorker:
             await self._drain(stages)
             for pool in (self.decode_pool, self.model_pool, self.text_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
+            if self.scoring is not self.model:
+                await asyncio.to_thread(self.scoring.close)
             if server:
                 server.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -509,7 +540,7 @@ class InferenceWorker:
         """Score the batch; if it raises, score each half, down to the frame that raises: one poison frame
         costs log2(batch) extra calls and never its neighbours' verdicts."""
         try:
-            results = list(self.model.score(batch))
+            results = list(self.scoring.score(batch))
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} frames")
             return results
@@ -522,7 +553,7 @@ class InferenceWorker:
     def _canary(self, product: str) -> BaseException | None:
         """In the model thread: does the model still score one of the product's own references?"""
         try:
-            self.model.score([FrameInput(self._canaries[product], product)])
+            self.scoring.score([FrameInput(self._canaries[product], product)])
         except Exception as exc:  # noqa: BLE001
             return exc
         return None
@@ -556,7 +587,9 @@ class InferenceWorker:
         self._failures_in_a_row = 0 if len(failed) < len(items) else self._failures_in_a_row + len(failed)
         item, error = failed[0]
         reason = None
-        if len(failed) == len(items) and item.meta.product in self._canaries:
+        if isinstance(error, ModelProcessDied):
+            reason = str(error)
+        elif len(failed) == len(items) and item.meta.product in self._canaries:
             canary = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._canary,
                                                                       item.meta.product)
             if canary is not None:
