@@ -2,4 +2,5 @@
 
 from deploy.app import main
 
-main()
+if __name__ == "__main__":   # not when a spawned child (the model process) imports the parent's main module
+    main()

@@ -5,10 +5,18 @@ against the real broker."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
+from deploy.demo import ensure_simulator_references
+from deploy.stack import free_port
 from inference import frames
 from inference.model.api import InspectionModel, ModelConfig
 from inference.model.encoders import EncoderConfig
@@ -21,7 +29,7 @@ from lineguard.events import decode_frame
 from lineguard.topics import FRAMES
 from tests.helpers import read_topic
 from tests.test_worker import Outputs
-from tests.worker_helpers import group
+from tests.worker_helpers import group, healthy, worker_env
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +120,29 @@ def test_the_worker_scores_in_a_model_process_and_stops_when_it_dies(settings, t
     for frame_id, expected in zip(ids, tiny.score(inputs), strict=True):
         assert verdicts[frame_id].score == pytest.approx(expected.score, abs=1e-5)
         assert verdicts[frame_id].is_anomalous == expected.is_anomalous
+
+
+def test_lineguard_infer_scores_in_a_model_process_and_takes_it_down_on_sigterm(settings, tmp_path):
+    """The command line (`python -m deploy infer --model-process`): the spawned child imports the parent's main
+    module without running it, every frame gets a verdict, and SIGTERM leaves no child behind."""
+    settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
+    ensure_simulator_references(settings)
+    port, n = free_port(), 12
+    log_path = tmp_path / "infer.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "deploy", "infer", "--http-port", str(port), "--no-text",
+                                   "--encoder", "random:vit-tiny", "--model-process", "--group-id", group(settings)],
+                                  env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not healthy(port):
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        asyncio.run(publish(open_source("simulator", seed=8), settings, cameras=2, limit=n))
+        assert len(Outputs(settings).read(expect=n).verdicts) == n
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+    events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    [used] = [e for e in events if e["event"] == "model_process_used"]
+    assert code == 0 and not psutil.pid_exists(used["pid"])
