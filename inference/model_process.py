@@ -56,6 +56,13 @@ class ModelProcess:
         self._receive()                           # "ready", or the child's start-up error
         log.info("model_process_started", pid=self._process.pid, torch_threads=torch_threads)
 
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether the child can rebuild `model` (an InspectionModel: from its config and weights)."""
+        from inference.model.api import InspectionModel
+
+        return isinstance(model, InspectionModel)
+
     @property
     def pid(self) -> int | None:
         return self._process.pid

@@ -232,8 +232,10 @@ class InferenceWorker:
     def _wants_model_process(self) -> bool:
         if self.config.model_process is not None:
             return self.config.model_process
+        from inference.model_process import ModelProcess
+
         return (self.config.model_threads == 0 and self.device == "cpu" and self.cores >= 2
-                and self.model_threads == 1 and self._model_torch_threads == 1)
+                and self.model_threads == 1 and self._model_torch_threads == 1 and ModelProcess.supports(self.model))
 
     def _start_model_process(self) -> None:
         """Score in a child process; two calls in flight, so the next batch is sent while the child scores."""
@@ -545,8 +547,8 @@ class InferenceWorker:
                 raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} frames")
             return results
         except Exception as exc:  # noqa: BLE001 - any model error is isolated, then judged in _scored
-            if len(batch) == 1:
-                return [exc]
+            if len(batch) == 1 or isinstance(exc, ModelProcessDied):   # a dead process fails every frame alike
+                return [exc] * len(batch)
             half = len(batch) // 2
             return self._score_isolating(batch[:half]) + self._score_isolating(batch[half:])
 

@@ -57,6 +57,7 @@ def _same(ours, theirs) -> None:
 
 def test_the_model_process_scores_what_the_model_scores_and_follows_its_states(tiny):
     batch = _frames(6, seed=1)
+    assert ModelProcess.supports(tiny) and not ModelProcess.supports(object())   # a stand-in scorer stays in-process
     scoring = ModelProcess(tiny, torch_threads=1)
     live = dict(tiny.states)
     try:
