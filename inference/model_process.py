@@ -14,8 +14,8 @@ would.
     scoring.close()
 
 A frame's exception in the child is raised again here, so the worker still isolates poison frames. A child
-that died raises `ModelProcessDied` on every call: the worker's canary fails too, and it stops (ModelBroken)
-instead of dead-lettering the line.
+that died raises `ModelProcessDied` on every call, and the worker stops on it (ModelBroken) instead of
+dead-lettering the line.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class ModelProcess:
         import torch.multiprocessing as torch_mp  # its pickling reductions send CPU tensors as shared memory
 
         self.model = model
-        self.version = model.version
         self._sent: dict[str, object] = {}       # product → the state object the child holds (compared by identity)
         self._lock = threading.Lock()
         context = torch_mp.get_context("spawn")
