@@ -9,21 +9,31 @@ import pytest
 from training.learn import Labelled, LearnConfig, choose_threshold, learn, score_with, verdict_report
 
 
-def test_threshold_from_both_classes_moves_only_as_far_as_the_labels_demand():
+def test_confirmed_defects_lower_the_threshold_and_labelled_goods_only_guard_it():
+    config = LearnConfig(margin=1.0)
     good, defect = np.array([0.10, 0.12, 0.20]), np.array([0.30, 0.50])
-    # automatic threshold below the best range [0.20, 0.30): a quarter of the range (log-score) inside it
-    near = LearnConfig(edge=0.25)
-    threshold, method = choose_threshold(0.15, good, defect, near)
-    assert method == "labels" and threshold == pytest.approx(np.exp(np.log(0.20) + 0.25 * np.log(0.30 / 0.20)))
-    # above it: a quarter inside from the top
-    assert choose_threshold(0.9, good, defect, near)[0] == pytest.approx(np.exp(np.log(0.30) - 0.25 * np.log(1.5)))
-    # well inside it: the labels agree with the automatic threshold, which stays
-    assert choose_threshold(0.25, good, defect, near)[0] == pytest.approx(0.25)
-    # the default, edge 0.5: the middle of the range
-    assert choose_threshold(0.15, good, defect)[0] == pytest.approx(np.sqrt(0.20 * 0.30))
-    # overlapping classes: the cut with the best balanced accuracy (one good above it: 5/6 + 1 / 2)
-    threshold, _ = choose_threshold(0.15, np.array([0.1, 0.2, 0.6]), np.array([0.4, 0.5]))
-    assert 0.2 < threshold < 0.4
+    # defects above the automatic threshold were caught: it stays (labels never raise it on defects' evidence)
+    assert choose_threshold(0.15, good, defect, config) == (0.15, "labels")
+    # defects below it were missed: it falls below them, to the middle (log-score) of the labels' best range
+    # [0.20, 0.30] when that is lower than the lowest defect
+    assert choose_threshold(0.9, good, defect, config)[0] == pytest.approx(np.sqrt(0.20 * 0.30))
+    # and to just below the lowest defect when the best range lies above it (a good at 0.35 among the defects)
+    overlapping = np.array([0.10, 0.20, 0.35]), np.array([0.30, 0.50, 0.60, 0.70])
+    assert choose_threshold(0.9, *overlapping, config)[0] == pytest.approx(0.30)
+    assert choose_threshold(0.9, *overlapping)[0] == pytest.approx(0.30 / 1.02)     # the default margin
+    # a good at 0.20 above 0.15 costs 1/6 of balanced accuracy, within 1.5 standard errors of the best cut's
+    # (0.75 * sqrt(0.25/3 + 0.25/2) = 0.34) on 5 labels: not evidence enough to move
+    # with a stricter test (0.5 standard errors: 0.11) it is: the threshold rises to the nearest cut between two
+    # labelled scores whose balanced accuracy is close enough to the best, here between 0.20 and 0.30
+    strict = LearnConfig(margin=1.0, evidence_z=0.5)
+    assert choose_threshold(0.15, good, defect, strict)[0] == pytest.approx(np.sqrt(0.20 * 0.30))
+    # overlapping classes: one good (0.6) above every defect; the nearest good-enough cut lies between 0.2 and 0.4
+    threshold, _ = choose_threshold(0.15, np.array([0.1, 0.2, 0.6]), np.array([0.4, 0.5]), strict)
+    assert threshold == pytest.approx(np.sqrt(0.2 * 0.4))
+    # a defect scored among the goods drags the threshold down only as far as the goods' evidence allows
+    many_good = np.linspace(0.10, 0.20, 12)
+    threshold, _ = choose_threshold(0.25, many_good, np.array([0.11, 0.5, 0.6, 0.7]), config)
+    assert 0.11 < threshold < 0.25 and np.mean(many_good > threshold) < 0.5
 
 
 def test_one_class_bounds_and_the_sanity_clamp():

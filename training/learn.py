@@ -8,12 +8,21 @@ What the labels teach, and how:
   regions); each is scored by prototypes fitted without it (cross-fitting), like a new defect of its kind;
 - the **threshold** is re-derived from the labelled frames' scores under the candidate memory. A frame
   labelled good is scored by a memory that does not hold it (cross-fitting over `folds`), as a new part
-  of its kind would be. With both classes the labels give a range of cuts with the best balanced
-  accuracy; the threshold moves into that range, `edge` of its width (log-score) from the near end: by
-  default its middle (0.5); with a smaller edge the automatic threshold stays where the labels allow it.
-  With goods only it rises to just above them; with
-  defects only it falls to just below them. It never leaves [auto / max_factor, auto * max_factor], so
-  a handful of labels cannot move it anywhere absurd, and the evaluation gate judges the rest.
+  of its kind would be; a confirmed defect likewise by prototypes that did not learn from it.
+  - A confirmed defect at or below the threshold was missed: the threshold falls to just below the lowest
+    confirmed defect (`margin`). Defects never raise it: one above the threshold was caught. The lowest of
+    a few labelled defects overstates where a product's defects begin (its rarer, fainter kinds are mostly
+    not among them), so this is the defects' least optimistic reading.
+  - Nor does it stay above the middle (log-score) of the labels' best range of cuts: the automatic
+    threshold is on the live memory's scale, and a candidate whose memory learned a new kind of normal
+    part scores defects lower too.
+  - Frames labelled good join the memory, which is how they stop being flagged. Their cross-fitted scores
+    come from part of that memory and so overstate a new good part's, so with defects present they only
+    guard: the threshold rises (to the nearest cut between two labelled scores) only where its balanced
+    accuracy on the labels falls short of the best cut's by more than `evidence_z` standard errors.
+  - With goods only it rises to just above them; with defects only it falls to just below them.
+  It never leaves [auto / max_factor, auto * max_factor], so a handful of labels cannot move it anywhere
+  absurd, and the evaluation gate judges the rest.
 
     >>> candidate = learn(model, "bottle", [Labelled(image, is_defect=False), ...])
     >>> candidate.state.calibration.threshold, candidate.method
@@ -40,8 +49,8 @@ class LearnConfig:
     max_normals: int = 64            # at most this many frames labelled good join the memory (the newest)
     margin: float = 1.02             # one-class bounds sit this factor beyond the labelled scores
     defect_prototypes: bool = True   # confirmed defects join the simulated anomalies of the learned prototypes
-    edge: float = 0.5                # a threshold the labels move goes this share of their best range inside it
-                                     # (0.5: its middle; 0.25 moved less, and lost defect recall in a test)
+    evidence_z: float = 1.5          # labelled goods raise a threshold set by defects only when its balanced accuracy
+                                     # on the labels is this many standard errors below the best cut's
 
 
 @dataclass
@@ -82,30 +91,52 @@ def score_with(model: InspectionModel, product: str, state: ProductState, images
         return np.array([s.verdict.score for s in model.score([(product, image) for image in images])])
 
 
+def _balanced_accuracy(good: np.ndarray, defect: np.ndarray, cut: float) -> float:
+    return float(np.mean(defect > cut) + np.mean(good <= cut)) / 2
+
+
+def _cuts(good: np.ndarray, defect: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled scores, the cuts between consecutive ones (geometric middle, and one beyond each end) and
+    each cut's balanced accuracy on the labels."""
+    scores = np.unique(np.concatenate([good, defect]))
+    cuts = np.concatenate([[scores[0] / 2], np.sqrt(scores[:-1] * scores[1:]), [scores[-1] * 2]])
+    return scores, cuts, np.array([_balanced_accuracy(good, defect, cut) for cut in cuts])
+
+
+def _best_range_middle(good: np.ndarray, defect: np.ndarray) -> float:
+    """The middle (log-score) of the range of cuts with the labels' best balanced accuracy, between the labelled
+    scores that bound it."""
+    scores, cuts, balanced = _cuts(good, defect)
+    best = cuts[np.isclose(balanced, balanced.max())]
+    low = float(max(scores[scores < best[0]], default=best[0]))
+    high = float(min(scores[scores > best[-1]], default=best[-1]))
+    return float(np.sqrt(low * high))
+
+
+def _guarded(threshold: float, good: np.ndarray, defect: np.ndarray, z: float) -> float:
+    """`threshold`, or the nearest cut above it whose balanced accuracy on the labels is within `z` standard errors
+    of the best cut's. The standard error is a balanced accuracy's at its widest (each class's rate at 1/2), so
+    a few labels move nothing."""
+    _, cuts, balanced = _cuts(good, defect)
+    enough = balanced.max() - z * 0.5 * np.sqrt(0.25 / good.size + 0.25 / defect.size)
+    if _balanced_accuracy(good, defect, threshold) >= enough:
+        return threshold
+    # below the lowest defect every defect is caught, so a better cut can only lie above the threshold
+    return float(cuts[(balanced >= enough) & (cuts > threshold)].min())
+
+
 def choose_threshold(auto: float, good: np.ndarray, defect: np.ndarray,
                      config: LearnConfig | None = None) -> tuple[float, str]:
     """The threshold the labelled scores support, and which rule gave it (see the module docstring)."""
     config = config or LearnConfig()
     good, defect = np.asarray(good, np.float64), np.asarray(defect, np.float64)
-    if good.size and defect.size:
-        cuts = np.unique(np.concatenate([good, defect]))
-        # a frame is flagged when its score is above the threshold: try a cut just below each score, and
-        # one above all of them
-        candidates = np.concatenate([cuts * (1 - 1e-9), [cuts[-1] * (1 + 1e-9)]])
-        balanced = [(np.mean(defect > t) + np.mean(good <= t)) / 2 for t in candidates]
-        best = np.flatnonzero(np.isclose(balanced, max(balanced)))
-        # the range of equally good cuts, between the scores that bound it: the automatic threshold moves only as
-        # far as the labels demand, and then `edge` of the range's width (log-score) inside it
-        low = float(max(good[good <= candidates[best[0]]], default=candidates[best[0]]))
-        high = float(min(defect[defect > candidates[best[-1]]], default=candidates[best[-1]]))
-        log_low, log_high = np.log(max(low, 1e-9)), np.log(max(high, 1e-9))
-        inside = config.edge * (log_high - log_low)
-        threshold = float(np.exp(np.clip(np.log(max(auto, 1e-9)), log_low + inside, log_high - inside)))
-        method = "labels"
+    if defect.size:
+        threshold, method = min(auto, float(defect.min()) / config.margin), "labels: defects only"
+        if good.size:
+            threshold = min(threshold, _best_range_middle(good, defect))
+            threshold, method = _guarded(threshold, good, defect, config.evidence_z), "labels"
     elif good.size:
         threshold, method = max(auto, float(good.max()) * config.margin), "labels: good only"
-    elif defect.size:
-        threshold, method = min(auto, float(defect.min()) / config.margin), "labels: defects only"
     else:
         return auto, "auto"
     return float(np.clip(threshold, auto / config.max_factor, auto * config.max_factor)), method
