@@ -120,10 +120,17 @@ class ModelProcess:
 
 def _serve(config, weights: dict, conn, torch_threads: int) -> None:
     """The child: build the model, then apply state updates and score until told to stop or the parent goes."""
+    import signal
+
     import torch
 
     from inference.model.api import InspectionModel
 
+    # the parent says when the child stops (a "stop", or the pipe closing when the parent goes): a SIGTERM or
+    # Ctrl-C sent to the whole process group (the demo's stop, a terminal) must not kill the model under a
+    # worker that is still draining its batches
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(torch_threads)
     try:
         model = InspectionModel(config)
