@@ -15,16 +15,25 @@ install: apt $(STAMP)
 # Debian packages, only those whose command is missing: influxd (InfluxDB 1.x) for the embedded stack
 # and the tests; node and npm for the Grafana schema check (tsc against @grafana/schema, installed by
 # `npm ci` from deploy/grafana/schema-check/package-lock.json when the test first runs); chromium for the
-# console's browser test (Playwright from PyPI drives /usr/bin/chromium; it never downloads a browser).
+# console's browser test (Playwright from PyPI drives /usr/bin/chromium; it never downloads a browser);
+# kubectl for the manifest tests (`kubectl kustomize` renders deploy/k8s). Debian bookworm has no `kubectl`
+# package: its kubectl is `kubernetes-client` (1.20, whose kustomize v2.0.3 is too old for deploy/k8s: the
+# manifest tests say so and need kubectl 1.21 or newer, as the machine images carry); a `kubectl` package is
+# preferred wherever apt has one.
 apt:
-	@packages=""; \
+	@packages=""; need_kubectl=""; \
 	command -v influxd >/dev/null 2>&1 || packages="$$packages influxdb"; \
 	command -v node >/dev/null 2>&1 || packages="$$packages nodejs npm"; \
 	command -v node >/dev/null 2>&1 && ! command -v npm >/dev/null 2>&1 && packages="$$packages npm"; \
 	command -v chromium >/dev/null 2>&1 || packages="$$packages chromium"; \
-	if [ -n "$$packages" ]; then \
+	command -v kubectl >/dev/null 2>&1 || need_kubectl=1; \
+	if [ -n "$$packages$$need_kubectl" ]; then \
+		$(SUDO) apt-get update -q || exit 1; \
+		if [ -n "$$need_kubectl" ]; then \
+			if apt-cache show kubectl >/dev/null 2>&1; then packages="$$packages kubectl"; \
+			else packages="$$packages kubernetes-client"; fi; \
+		fi; \
 		echo "installing Debian packages:$$packages"; \
-		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$packages; \
 	fi
 

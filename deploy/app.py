@@ -20,7 +20,7 @@ from storage import cli as storage_cli
 from training import cli as training_cli
 
 # The order `lineguard --help` and `lineguard bench --help` list commands and groups in.
-ORDER = ("up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store", "records", "eval",
+ORDER = ("up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store", "records", "db", "eval",
          "topics", "refs", "bench", "grafana", "train", "models", "dialogue")
 BENCH_ORDER = ("stream", "resolution", "memory", "scale", "dialogue", "gpu", "all", "store", "train", "lvlm")
 

@@ -216,6 +216,20 @@ def bench_all_command(
     write_benchmarks(output, quick=quick, echo=lambda text: typer.echo(text, err=True))
 
 
+def bench_soak_command(
+    minutes: float = typer.Option(20.0, min=0.5, help="Length of the soak (the events scale with it)."),
+    text: bool = typer.Option(False, "--text/--no-text", help="Attach LVLM answers to flagged verdicts."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    write: Path = typer.Option(None, help="Also write the soak section into this file (BENCHMARKS.md)."),
+) -> None:
+    """The demo's line at 70 % of one worker's capacity through a worker SIGKILL, influxd and broker restarts and
+    a 30 s records lock: frames lost, duplicates, the worker's RSS, the longest gap between verdicts."""
+    from deploy.soak_bench import report, soak_benchmark
+
+    cli_settings()
+    report(soak_benchmark(minutes=minutes, text=text), as_json, write, echo=typer.echo)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add the deploy room's commands to the `lineguard` app (`bench`: its `bench` group)."""
     add_user_errors(_user_errors)
@@ -231,5 +245,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     bench.command("resolution")(cli_command(bench_resolution_command))
     bench.command("memory")(cli_command(bench_memory_command))
     bench.command("scale")(cli_command(bench_scale_command))
+    bench.command("soak")(cli_command(bench_soak_command))
     bench.command("gpu")(cli_command(bench_gpu_command))
     bench.command("all")(cli_command(bench_all_command))

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 
 from deploy.services import Services
-from deploy.stack import EmbeddedStack, free_port, port_in_use, running_stack
+from deploy.stack import EmbeddedStack, free_port, migrate_records, port_in_use, running_stack
 from inference.monitor import watch_verdicts
 from inference.references import ReferenceStore
 from ingest.publisher import as_published, publish
@@ -74,8 +74,10 @@ def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: floa
     services: Services | None = None
     try:
         if stack is not None:
-            stack.start()
+            stack.start()     # migrates the records database before any service starts
             running = {"kafka_bootstrap": stack.kafka_bootstrap, "influx_url": stack.influx_url}
+        else:
+            migrate_records(settings)   # the running stack's build may be older than ours
         settings = settings.model_copy(update={"kafka_bootstrap": running["kafka_bootstrap"],
                                                "influx_url": running["influx_url"]})
         echo(f"embedded stack {'up' if stack else 'already running'}: kafka {settings.bootstrap}, "

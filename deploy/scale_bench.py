@@ -35,22 +35,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+from aiokafka.errors import KafkaError
+
 from deploy.bench import _frames, _produce, cameras_on_every_partition, machine, phase_settings
 from deploy.stack import EmbeddedStack
 from ingest.publisher import as_published
 from ingest.simulator import PRODUCTS, LineSimulator
 from lineguard.events import Verdict
 from lineguard.kafka import make_consumer, start_client
+from lineguard.logging import get_logger
 from lineguard.settings import Settings, load_settings
 from lineguard.topics import FRAMES, VERDICTS, spec
+
+log = get_logger(__name__)
 
 REFERENCES = 4
 LOGS = Path(tempfile.gettempdir()) / "lineguard-bench-scale"     # the workers' logs, kept after the run
 
 
-def _worker(settings: Settings, core: int, group: str, encoder: str | None) -> subprocess.Popen:
+def _worker(settings: Settings, core: int, group: str, encoder: str | None, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "deploy", "infer", "--group-id", group, "--no-text", "--http-port", "-1",
-               "--max-batch", "8"] + (["--encoder", encoder] if encoder else [])
+               "--max-batch", "8", *extra] + (["--encoder", encoder] if encoder else [])
     if shutil.which("taskset") and (os.cpu_count() or 1) > core:
         command = ["taskset", "-c", str(core), *command]
     env = dict(os.environ) | {"LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap,
@@ -61,33 +67,48 @@ def _worker(settings: Settings, core: int, group: str, encoder: str | None) -> s
     LOGS.mkdir(parents=True, exist_ok=True)
     log = open(LOGS / f"worker-{group}-{core}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
     worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    worker.started_at = time.monotonic()
     worker.log_path = log.name
     log.close()
     return worker
 
 
 class VerdictLog:
-    """Every verdict of a topic as it arrives: (monotonic time, frame id)."""
+    """Every record of a topic (the verdicts) as it arrives: (monotonic time, frame id). It reads on through a
+    broker that restarts (a fetch error is retried), from the start of a topic created again."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, topic: str = VERDICTS, frame_id=None):
         self.settings = settings
+        self.topic = topic
+        self._frame_id = frame_id              # bytes -> frame id; default: the Verdict's
         self.arrivals: list[tuple[float, str]] = []
         self._stop = asyncio.Event()
 
+    def _parse(self, value: bytes) -> str:
+        return self._frame_id(value) if self._frame_id else Verdict.model_validate_json(value).frame_id
+
     async def run(self) -> None:
-        consumer = make_consumer(self.settings, VERDICTS, group_id=None, auto_offset_reset="earliest")
+        consumer = make_consumer(self.settings, self.topic, group_id=None, auto_offset_reset="earliest")
         await start_client(self.settings, consumer)
         try:
             while not self._stop.is_set():
-                batches = await consumer.getmany(timeout_ms=100)
+                try:
+                    batches = await consumer.getmany(timeout_ms=100)
+                except KafkaError as exc:
+                    log.warning("verdict_log_fetch_failed", topic=self.topic, error=str(exc)[:200])
+                    await asyncio.sleep(0.5)
+                    continue
                 for records in batches.values():
                     for record in records:
-                        self.arrivals.append((time.monotonic(), Verdict.model_validate_json(record.value).frame_id))
+                        self.arrivals.append((time.monotonic(), self._parse(record.value)))
         finally:
             await consumer.stop()
 
+    def ids(self) -> set[str]:
+        return {frame_id for _, frame_id in self.arrivals}
+
     def unique(self) -> int:
-        return len({frame_id for _, frame_id in self.arrivals})
+        return len(self.ids())
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,6 +157,25 @@ async def _drain(settings: Settings, frames, cores: list[int], encoder: str | No
     return (len(frames) - 1) / max(last - first, 1e-6)
 
 
+async def _cold_start(settings: Settings, frames, encoder: str | None, cache: bool) -> tuple[float, float]:
+    """(seconds, CPU seconds) from a pinned worker's process start to its first verdict, a small backlog waiting
+    for it on topics of its own; the CPU seconds (user + system, psutil) do not depend on what else the machine
+    runs. `cache` False: `--no-start-cache`, the old path (every product calibrated at start)."""
+    log = VerdictLog(settings)
+    reader = asyncio.create_task(log.run())
+    await _produce(settings, frames)
+    worker = _worker(settings, 1, f"scale-{settings.topic_prefix}", encoder,
+                     *([] if cache else ["--no-start-cache"]))
+    try:
+        await _until(lambda: log.unique() > 0, [worker], 600)
+        times = psutil.Process(worker.pid).cpu_times()
+    finally:
+        _stop([worker])
+        log.stop()
+        await reader
+    return round(min(t for t, _ in log.arrivals) - worker.started_at, 1), round(times.user + times.system, 1)
+
+
 def _assigned(worker: subprocess.Popen) -> list[int]:
     """The partitions the group gave the worker last (its log says so); [] before its first assignment."""
     latest: list[int] = []
@@ -169,6 +209,7 @@ async def _rebalance(settings: Settings, frames, rate: float, encoder: str | Non
         events["added_at_verdict"] = log.unique()
         await _until(lambda: bool(_assigned(workers[1])), workers, 600)
         events["joined_at_verdict"] = joined = log.unique()
+        events["second_worker_join_s"] = round(time.monotonic() - workers[1].started_at, 1)
         await _until(lambda: log.unique() >= joined + step, workers, 600)
         events["stopped_at_verdict"] = stopped = log.unique()
         workers[0].send_signal(signal.SIGTERM)                             # leaves mid-stream, draining
@@ -211,11 +252,18 @@ def scale_benchmark(frames: int = 240, encoder: str | None = None) -> dict:
             batch = _frames(frames, seed=7, cameras=cameras)
             one = asyncio.run(_drain(phase_settings(base, stack, "scale-one."), batch, [0], encoder))
             two = asyncio.run(_drain(phase_settings(base, stack, "scale-two."), batch, [0, 1], encoder))
+            # the drains above stored every product's calibrated state in the shared store: a new worker loads
+            # them; the baseline, in the same run, is the old path that calibrates at start
+            cold = {name: asyncio.run(_cold_start(phase_settings(base, stack, f"scale-cold-{name}."),
+                                                  batch[:8], encoder, cache=name == "cached"))
+                    for name in ("baseline", "cached")}
             rebalance = asyncio.run(_rebalance(phase_settings(base, stack, "scale-rebalance."),
                                                _frames(frames, seed=8, cameras=cameras), 0.8 * one, encoder))
     one, two = round(one, 2), round(two, 2)
     return {"frames": frames, "encoder": encoder or "efficientnet-lite0", "taskset": bool(shutil.which("taskset")),
             "fps_1_worker": one, "fps_2_workers": two, "speedup_2_workers": round(two / one, 2),
+            "cold_start_s": cold["cached"][0], "cold_start_baseline_s": cold["baseline"][0],
+            "cold_start_cpu_s": cold["cached"][1], "cold_start_baseline_cpu_s": cold["baseline"][1],
             "rebalance": rebalance, "minutes": round((time.perf_counter() - started) / 60, 1)}
 
 
@@ -236,9 +284,17 @@ def scale_section(result: dict | None = None, frames: int = 240) -> str:
         f"| 1 (core 0) | {result['fps_1_worker']:.2f} | 1.00 |\n"
         f"| 2 (cores 0, 1) | {result['fps_2_workers']:.2f} | {result['speedup_2_workers']:.2f} |\n\n"
         f"Target `speedup_2_workers` ≥ 1.7: {met}.\n\n"
+        f"Cold start, from a pinned worker's process start to its first verdict (a backlog of 8 frames waiting on "
+        f"topics of its own): **{result['cold_start_s']} s** with the calibrated product states loaded from the "
+        f"shared artifact store (stored there by the workers above); baseline, the old path measured in the same run "
+        f"(`lineguard infer --no-start-cache`: every product calibrated at start): {result['cold_start_baseline_s']} s "
+        f"(CPU time of the worker until then: {result['cold_start_cpu_s']} s against "
+        f"{result['cold_start_baseline_cpu_s']} s; target < 20 s: "
+        f"{'met' if result['cold_start_s'] < 20 else '**missed**'}).\n\n"
         f"Rebalance: frames published at {r['rate_fps']} frames/s (0.8x one worker's speed) to one worker; a second "
         f"was started after {r['added_at_verdict']} verdicts and was given partitions after "
-        f"{r['joined_at_verdict']} (the rebalance on join); the first was stopped with SIGTERM after "
+        f"{r['joined_at_verdict']} ({r.get('second_worker_join_s', '?')} s after its start: the rebalance on join); "
+        f"the first was stopped with SIGTERM after "
         f"{r['stopped_at_verdict']} (exit {r['first_worker_exit']}), and the stream ended after {r['frames']} frames. "
         f"Lost frames: {r['lost_frames']}; verdicts "
         f"re-sent for frames already answered: {r['duplicate_verdicts']} (0 after de-duplication by frame id); "

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from deploy.processes import die_with_parent
+from lineguard.db import private_dir
 from lineguard.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,7 +32,7 @@ class Services:
         self.children: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         log_path = self.state_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "deploy", *args], stdout=log_file,

@@ -8,6 +8,9 @@ Each server runs in its own process group, so `stop()` takes down everything it 
 this process however it ends (`deploy/processes.py`). The endpoints and PIDs go to
 `<state_dir>/stack.json`, where other commands find them; `stop_recorded_stack` (`lineguard down`)
 stops the stack a file names, and `start()` clears a stale one (owner gone) before it begins.
+
+`start()` also applies the records database's migrations (`migrate_records`), once, before any service can
+start: the services only check the schema revision. The state dir is made private (0700).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 
 from deploy.processes import create_time, die_with_parent, port_holder, same_process, terminate, wait_gone
 from lineguard import tansu
+from lineguard.db import private_dir, redact_url
+from lineguard.db import upgrade as upgrade_records
 from lineguard.kafka import ensure_topics
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
@@ -108,7 +113,7 @@ class EmbeddedStack:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
         clear_stale_stack(self.settings)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir, existing_too=True)     # conversations and notes: this user's alone
         try:
             self._start_kafka()
             if self.with_influx:
@@ -116,6 +121,7 @@ class EmbeddedStack:
             self._write_stack_file()
             settings = self.settings.model_copy(update={"kafka_bootstrap": self.kafka_bootstrap})
             asyncio.run(ensure_topics(settings))
+            migrate_records(self.settings)      # before any service can start: they only check the revision
         except BaseException:
             self.stop()
             raise
@@ -242,6 +248,23 @@ class EmbeddedStack:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(path)
+
+
+def migrate_records(settings: Settings) -> list[str]:
+    """Bring the records database up to this build's schema, once, before any service opens it (services only
+    check the revision); returns the revisions applied. Raises StackError with the reason."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = settings.records_db_url()
+    try:
+        applied = upgrade_records(url)
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        raise StackError(f"cannot migrate the records database {redact_url(url)} (LINEGUARD_STORE_DB_URL): "
+                         f"{reason}") from exc
+    if applied:
+        log.info("records_schema_migrated", applied=applied, db=redact_url(url))
+    return applied
 
 
 def _refuse_busy_port(port: int, setting: str) -> None:

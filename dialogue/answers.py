@@ -152,8 +152,16 @@ def refusal_answer(verdict: ModelVerdict) -> str:
 
 # --- history ---------------------------------------------------------------------------------------
 
+MAX_PERIOD_DAYS = 100 * 366   # "the last 99999999 days" goes back before year 1: a PeriodError, not a 500
+
+
+class PeriodError(ValueError):
+    """A question names a period longer than MAX_PERIOD_DAYS (the app answers 422)."""
+
+
 def period(question: str, now: datetime) -> tuple[datetime | None, datetime, str]:
-    """(since, until, words) of the period a question names; (None, now, "so far") when it names none."""
+    """(since, until, words) of the period a question names; (None, now, "so far") when it names none.
+    PeriodError when it goes back more than MAX_PERIOD_DAYS."""
     text = question.lower()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     monday = midnight - timedelta(days=midnight.weekday())
@@ -172,6 +180,9 @@ def period(question: str, now: datetime) -> tuple[datetime | None, datetime, str
     match = re.search(r"\b(?:past|last)?\s*(\d+)\s*(hour|day|week)s?\b", text)
     if match:
         n, unit = int(match.group(1)), match.group(2)
+        if n * {"hour": 1 / 24, "day": 1, "week": 7}[unit] > MAX_PERIOD_DAYS:
+            raise PeriodError(f"a question can count back at most {MAX_PERIOD_DAYS} days ({MAX_PERIOD_DAYS // 366} "
+                              f"years); {n} {unit}s is longer")
         delta = {"hour": timedelta(hours=n), "day": timedelta(days=n), "week": timedelta(weeks=n)}[unit]
         return now - delta, now, f"in the last {n} {unit}{'s' if n != 1 else ''}"
     if "today" in text or "this shift" in text:
@@ -424,7 +435,17 @@ class Answerer:
         return self._free_form(record, verdict, question, history() if callable(history) else history,
                                verdict_source)
 
+    def needs_model(self, record: InspectionRecord, question: str) -> bool:
+        """Whether this question would wait for the LLM (the app queues those on threads of their own)."""
+        return (self.free_form is not None and self.free_form.state != "loading" and bool(record.image_uri)
+                and route(question) == "free_form")
+
     def _free_form(self, record, verdict, question, history, verdict_source) -> Reply:
+        if self.free_form is not None and self.free_form.state == "loading":
+            # the LLM is loading on its thread (tens of seconds): the facts now rather than a long wait
+            return Reply(factual_answer(verdict, question) + " (The language model is still loading; this answer "
+                         "is from the verdict's facts. Ask again in a minute for a free-form answer.)", "free_form",
+                         [verdict_source])
         if self.free_form is not None and record.image_uri:
             try:
                 text = self.free_form.answer(record, verdict, question, history)

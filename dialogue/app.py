@@ -17,7 +17,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
@@ -32,9 +31,10 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dialogue.answers import Answerer, LvlmAnswerer
+from dialogue.answers import Answerer, LvlmAnswerer, PeriodError
 from dialogue.auth import Principal, RateLimiter, Role, TokenRegistry
 from dialogue.conversations import ConversationStore, Turn
+from dialogue.limits import BodyLimit, Limits, body_caps, body_schema, frame_shape, parse_body
 from dialogue.schemas import (
     Answer,
     Conversation,
@@ -42,6 +42,7 @@ from dialogue.schemas import (
     LabelAccepted,
     LabelRequest,
     Me,
+    QueryTime,
     QuestionRequest,
     RecordDetail,
     RecordPage,
@@ -52,6 +53,7 @@ from dialogue.schemas import (
     StoredLabel,
     StreamedVerdict,
 )
+from dialogue.security import AuthFailures, install_security
 from dialogue.settings import DialogueSettings
 from dialogue.stream import VerdictBroadcaster
 from lineguard.events import ID_MAX_LENGTH, ID_PATTERN, Label
@@ -59,6 +61,7 @@ from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import LABELS
 from storage.artifacts import StorageError
+from storage.masks import MaskError, decode_mask
 from storage.records import InspectionRecord, RecordStore
 from storage.schema import as_utc, labels
 from storage.settings import StorageSettings, load_storage_settings
@@ -86,6 +89,8 @@ class Service:
     broadcaster: VerdictBroadcaster
     producer: object | None = None
     producer_lock: asyncio.Lock | None = None
+    limits: Limits | None = None                # bodies, streams, the LLM queue, label quotas (dialogue/limits.py)
+    auth_failures: AuthFailures | None = None   # failed sign-ins per client address (dialogue/security.py)
 
     async def label_producer(self):
         """The Kafka producer of labels, started on first use (the API serves records without a broker)."""
@@ -116,9 +121,8 @@ def requires(role: Role) -> Callable[..., Principal]:
     async def dependency(request: Request, service: Annotated[Service, Depends(get_service)],
                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
         principal = service.tokens.verify(credentials.credentials) if credentials else None
-        if principal is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+        if principal is None:   # 401, or 429 once this address failed too often
+            raise service.auth_failures.refusal(request)
         request.state.principal = principal.name
         if not principal.may(role):
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"this needs the {role} role; {principal.name} is a "
@@ -135,6 +139,27 @@ def requires(role: Role) -> Callable[..., Principal]:
 Viewer = Annotated[Principal, Depends(requires("viewer"))]
 Operator = Annotated[Principal, Depends(requires("operator"))]
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+# request bodies are dependencies of the principal: read (BodyLimit caps them) only once the token is checked,
+# so a caller without a token gets 401 whatever it sent
+async def question_body(principal: Operator, request: Request) -> QuestionRequest:
+    return await parse_body(request, QuestionRequest)
+
+
+async def label_body(principal: Operator, request: Request) -> LabelRequest:
+    return await parse_body(request, LabelRequest)
+
+
+async def stream_slot(principal: Viewer, service: ServiceDep) -> AsyncIterator[None]:
+    """One of the token's (and the service's) SSE streams, held while the stream is open; 429 beyond."""
+    refusal = service.limits.stream_refusal(principal.key)
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        service.limits.streams.release(principal.key)
 
 
 def get_record(frame_id: FrameId, service: ServiceDep) -> InspectionRecord:
@@ -187,7 +212,10 @@ def create_app(settings: Settings, dialogue_settings: DialogueSettings,
                       limiter=RateLimiter(dialogue_settings.rate_limit_per_minute, dialogue_settings.rate_limit_burst),
                       answerer=Answerer(store, similar_k=dialogue_settings.similar_k, free_form=free_form),
                       conversations=ConversationStore(store.engine),
-                      broadcaster=VerdictBroadcaster(settings, dialogue_settings.stream_queue))
+                      broadcaster=VerdictBroadcaster(settings, dialogue_settings.stream_queue),
+                      limits=Limits.from_settings(dialogue_settings),
+                      auth_failures=AuthFailures(dialogue_settings.auth_failure_limit,
+                                                 dialogue_settings.auth_failure_window_s))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,6 +237,7 @@ def create_app(settings: Settings, dialogue_settings: DialogueSettings,
             if service.producer is not None:
                 with contextlib.suppress(Exception):
                     await service.producer.stop()
+            service.limits.close()
             log.info("dialogue_stopped")
 
     app = FastAPI(title="lineguard dialogue", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -218,7 +247,9 @@ def create_app(settings: Settings, dialogue_settings: DialogueSettings,
         app.add_middleware(CORSMiddleware, allow_origins=dialogue_settings.cors, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, caps=body_caps(dialogue_settings, settings.kafka_max_message_bytes))
     _install_request_log(app)
+    install_security(app)
     _routes(app)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -248,8 +279,11 @@ def _answer_and_store(service: Service, record: InspectionRecord, question: str,
     if turns.count(record.frame_id) >= service.dialogue.max_turns:
         raise _unprocessable("question", f"this conversation has reached its {service.dialogue.max_turns} turns")
     started = time.perf_counter()
-    reply = service.answerer.answer(record, question,
-                                    lambda: [(t.question, t.answer) for t in turns.history(record.frame_id)])
+    try:
+        reply = service.answerer.answer(record, question,
+                                        lambda: [(t.question, t.answer) for t in turns.history(record.frame_id)])
+    except PeriodError as exc:
+        raise _unprocessable("question", str(exc)) from None
     latency_ms = (time.perf_counter() - started) * 1000
     return service.conversations.add(record.frame_id, operator=operator, question=question, answer=reply.answer,
                                      intent=reply.intent, sources=reply.sources, latency_ms=latency_ms)
@@ -330,8 +364,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place lists every route
         return Me(name=principal.name, role=principal.role)
 
     @app.get("/api/records", response_model=RecordPage, tags=["records"])
-    def list_records(principal: Viewer, service: ServiceDep, since: datetime | None = None,
-                     until: datetime | None = None,
+    def list_records(principal: Viewer, service: ServiceDep, since: QueryTime | None = None,
+                     until: QueryTime | None = None,
                      line_id: Annotated[str | None, Query(max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)] = None,
                      product: Annotated[str | None, Query(max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)] = None,
                      camera_id: Annotated[str | None, Query(max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)] = None,
@@ -380,14 +414,20 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place lists every route
         app.get(f"/api/records/{{frame_id}}/{kind}", tags=["records"], response_class=Response,
                 responses={200: {"content": {media_type: {}}}, 404: {"description": "not stored"}})(artifact(kind))
 
-    @app.post("/api/records/{frame_id}/questions", response_model=Answer, tags=["dialogue"])
-    async def ask(body: QuestionRequest, principal: Operator, service: ServiceDep, record: RecordDep) -> Answer:
+    @app.post("/api/records/{frame_id}/questions", response_model=Answer, tags=["dialogue"],
+              openapi_extra=body_schema(QuestionRequest))
+    async def ask(principal: Operator, body: Annotated[QuestionRequest, Depends(question_body)], service: ServiceDep,
+                  record: RecordDep) -> Answer:
         """Answer a question about this record from its facts; the turn is stored in the conversation."""
         limit = service.dialogue.max_question_chars
         if len(body.question) > limit:
             raise _unprocessable("question", f"a question has at most {limit} characters")
         # every database read and write of a question runs in the thread pool: the event loop only routes
-        turn = await run_in_threadpool(_answer_and_store, service, record, body.question, principal.name)
+        # ... but a question for the LLM waits in its own bounded queue (503 when full), off the shared pool
+        if service.answerer.needs_model(record, body.question):
+            turn = await service.limits.free_form.run(_answer_and_store, service, record, body.question, principal.name)
+        else:
+            turn = await run_in_threadpool(_answer_and_store, service, record, body.question, principal.name)
         log.info("question_answered", frame_id=record.frame_id, intent=turn.intent, ms=round(turn.latency_ms, 1),
                  who=principal.name, turn=turn.turn)
         return _answer(turn)
@@ -399,13 +439,19 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place lists every route
                             turns=[_answer(t) for t in service.conversations.history(record.frame_id)])
 
     @app.post("/api/records/{frame_id}/label", response_model=LabelAccepted, tags=["labels"],
-              status_code=status.HTTP_202_ACCEPTED)
-    async def label(body: LabelRequest, principal: Operator, service: ServiceDep, record: RecordDep) -> LabelAccepted:
+              status_code=status.HTTP_202_ACCEPTED, openapi_extra=body_schema(LabelRequest))
+    async def label(principal: Operator, body: Annotated[LabelRequest, Depends(label_body)], service: ServiceDep,
+                    record: RecordDep) -> LabelAccepted:
         """Publish the operator's judgement as a Label event; the recorder stores it (202: accepted)."""
         if not body.is_defect and body.defect_type:
             raise _unprocessable("defect_type", "a good part has no defect type")
-        if body.mask_png is not None and not body.mask_png.startswith(b"\x89PNG\r\n\x1a\n"):
-            raise _unprocessable("mask_png", "the mask must be a PNG image")
+        service.limits.labels.refuse(principal.name)   # 429 past the operator's labels per hour
+        if body.mask_png is not None:   # decoded here, under the pixel limit training uses too
+            shape = await run_in_threadpool(frame_shape, service.store, record)
+            try:
+                await run_in_threadpool(decode_mask, body.mask_png, shape=shape)
+            except MaskError as exc:
+                raise _unprocessable("mask_png", str(exc)) from None
         event = Label(frame_id=record.frame_id, operator=principal.name, is_defect=body.is_defect,
                       defect_type=body.defect_type, mask_png=body.mask_png, note=body.note)
         data = event.to_bytes()
@@ -436,8 +482,10 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place lists every route
                                                defect_type=m.defect_type) for m in matches])
 
     @app.get("/api/stream", response_class=EventSourceResponse, tags=["records"])
-    async def stream(principal: Viewer, service: ServiceDep) -> AsyncIterator[ServerSentEvent]:
+    async def stream(principal: Viewer, service: ServiceDep,
+                     slot: Annotated[None, Depends(stream_slot)]) -> AsyncIterator[ServerSentEvent]:
         """Server-sent events: `event: verdict` with each newly flagged verdict (StreamedVerdict JSON)."""
-        async for verdict in service.broadcaster.subscribe():
+        # the stream ends within ~1 s of its token being revoked or expiring
+        async for verdict in service.broadcaster.subscribe(lambda: service.tokens.still_valid(principal)):
             yield ServerSentEvent(data=StreamedVerdict.of(verdict).model_dump(mode="json"), event="verdict",
                                   id=verdict.frame_id)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import Base64Bytes, BaseModel, Field
+from pydantic import AfterValidator, Base64Bytes, BaseModel, Field
 
 from lineguard.events import DefectType, Region, Verdict
 from storage.records import InspectionRecord
 
 Intent = Literal["position", "size", "confidence", "count", "history", "similarity", "defect_type", "refusal",
                  "free_form"]
+
+
+def _in_range(value: datetime) -> datetime:
+    """A date the records can be filtered by: representable in UTC (0001-01-01T00:00+01:00 is not)."""
+    try:
+        utc = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("the date is out of range once converted to UTC") from None
+    if not 1 < utc.year < 9999:
+        raise ValueError("the date must lie between the years 2 and 9998")
+    return value
+
+
+QueryTime = Annotated[datetime, AfterValidator(_in_range)]   # `since` / `until` of a query: 422 when out of range
 
 
 class Health(BaseModel):

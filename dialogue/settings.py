@@ -27,10 +27,15 @@ class DialogueSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    # tokens: a JSON file of {"tokens": [{"name", "role", "sha256"}]} (lineguard dialogue token writes it),
-    # and/or tokens in the environment: "role:name:token,role:name:token"
+    # tokens: a JSON file of {"tokens": [{"name", "role", "sha256", "created_at", "expires_at"}]}
+    # (lineguard dialogue token create writes it; re-read within ~1 s when it changes),
+    # and/or tokens in the environment: "role:name:token,role:name:token" (each >= 32 characters)
     tokens_file: Path | None = None            # default: <state_dir>/dialogue-tokens.json
     tokens: SecretStr | None = None
+    # failed authentications (missing, unknown, revoked, expired token) per client address: past the limit
+    # in the window, a bad token gets 429 + Retry-After instead of 401 (valid tokens still pass)
+    auth_failure_limit: int = Field(default=20, ge=1)
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
     # requests per token (token bucket): selecting a part in the console costs ~8-14 GETs
     rate_limit_per_minute: int = Field(default=600, ge=1)
     rate_limit_burst: int = Field(default=60, ge=1)
@@ -47,6 +52,17 @@ class DialogueSettings(BaseSettings):
     warm_up: bool = True                       # load the LLM and the stored products' references at start-up
     similar_k: int = Field(default=5, ge=1, le=50)
     stream_queue: int = Field(default=100, ge=1)             # verdicts buffered per SSE client (oldest dropped)
+    # --- limits (dialogue/limits.py): what is refused before any work is done
+    question_body_bytes: int = Field(default=16 * 1024, ge=1024)   # a JSON body but a label's (413 beyond);
+                                                                  # a label's cap is KAFKA_MAX_MESSAGE_BYTES
+    streams_per_token: int = Field(default=8, ge=1)          # open SSE streams of one token (429 beyond)
+    streams_total: int = Field(default=200, ge=1)            # open SSE streams of the service (429 beyond)
+    header_timeout_s: float = Field(default=10.0, gt=0)      # a request's line and headers must arrive within
+    keep_alive_s: float = Field(default=5.0, gt=0)           # idle keep-alive connections are closed after
+    llm_queue: int = Field(default=8, ge=1)                  # free-form questions waiting or answered (503 beyond);
+                                                             # `lineguard bench dialogue` has 8 operators ask at once
+    llm_retry_after_s: int = Field(default=10, ge=1)         # Retry-After of that 503
+    labels_per_hour: int = Field(default=600, ge=1)          # labels per operator in any hour (429 beyond)
 
     @field_validator("cors_origins")
     @classmethod
@@ -54,6 +70,17 @@ class DialogueSettings(BaseSettings):
         for origin in filter(None, (o.strip() for o in value.split(","))):
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"expected http(s)://host[:port] origins separated by commas, got {origin!r}")
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, value: SecretStr | None) -> SecretStr | None:
+        from dialogue.auth import parse_env_tokens
+
+        try:   # role:name:token, each token >= 32 characters: refused here, before anything starts
+            parse_env_tokens(value.get_secret_value() if value else None)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix(f"{DIALOGUE_ENV_PREFIX}TOKENS: ")) from None
         return value
 
     @property

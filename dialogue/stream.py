@@ -4,11 +4,12 @@ SSE client.
 The consumer has no group (every service instance sees every verdict) and starts at the end of the topic.
 It runs in the background for the app's lifetime and reconnects when the broker is away, so the API keeps
 serving records meanwhile. Each client has a bounded queue; a slow client loses its oldest verdicts, never
-holds up the others.
+holds up the others. A subscriber may pass `still_allowed`, asked every second: the stream of a revoked or
+expired token ends within about a second.
 
     >>> broadcaster = VerdictBroadcaster(settings)
     >>> task = asyncio.create_task(broadcaster.run())
-    >>> async for verdict in broadcaster.subscribe():   # flagged Verdicts, as they come
+    >>> async for verdict in broadcaster.subscribe(lambda: tokens.still_valid(principal)):   # as they come
     ...     ...
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from lineguard.events import Verdict
 from lineguard.logging import get_logger
@@ -27,6 +28,7 @@ from lineguard.topics import VERDICTS
 log = get_logger(__name__)
 
 RECONNECT_S = 2.0
+CHECK_S = 1.0        # how often an open stream asks whether its token is still valid
 RECENT = 10_000
 
 
@@ -82,12 +84,26 @@ class VerdictBroadcaster:
                     queue.get_nowait()
             queue.put_nowait(verdict)
 
-    async def subscribe(self) -> AsyncIterator[Verdict]:
-        """Flagged verdicts from now on, until the client goes away."""
+    async def subscribe(self, still_allowed: Callable[[], bool] | None = None,
+                        check_s: float = CHECK_S) -> AsyncIterator[Verdict]:
+        """Flagged verdicts from now on, until the client goes away, or until `still_allowed()` (asked every
+        `check_s` and before each verdict) says no: the stream of a revoked or expired token ends."""
         queue: asyncio.Queue = asyncio.Queue(self.queue_size)
         self.clients.add(queue)
+        waiting: asyncio.Task | None = None
         try:
-            while True:
-                yield await queue.get()
+            while still_allowed is None or still_allowed():
+                if still_allowed is None:
+                    yield await queue.get()
+                    continue
+                # the same get() waits across checks: cancelling it on a timeout could lose a verdict
+                waiting = waiting or asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({waiting}, timeout=check_s)
+                if done and still_allowed():
+                    verdict, waiting = waiting.result(), None
+                    yield verdict
+            log.info("stream_closed", reason="token revoked or expired")
         finally:
+            if waiting is not None:
+                waiting.cancel()
             self.clients.discard(queue)

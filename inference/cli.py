@@ -38,6 +38,9 @@ def infer_command(
     model_process: bool = typer.Option(None, "--model-process/--no-model-process",
                                        help="Score in a process of its own (default: when the start-up measure "
                                             "finds the model's time is in Python, on a CPU)."),
+    start_cache: bool = typer.Option(True, "--start-cache/--no-start-cache",
+                                     help="Load calibrated product states and the threading choice from their "
+                                          "caches (--no-start-cache: calibrate and measure at every start)."),
 ) -> None:
     """Consume frames, score them in dynamic batches, publish a Verdict and a Heatmap for each."""
     from inference.registry import ModelRegistry
@@ -48,7 +51,8 @@ def infer_command(
     scorer = build_scorer(encoder=encoder, device=device, text=text, batch_size=max_batch)
     config = WorkerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, group_id=group_id, explain=text,
                           http_port=None if http_port < 0 else http_port, http_host=http_host,
-                          model_threads=model_threads, model_process=model_process)
+                          model_threads=model_threads, model_process=model_process,
+                          start_cache=start_cache)
     worker = InferenceWorker(settings, scorer, config, registry=ModelRegistry.from_settings(settings))
 
     async def main() -> None:

@@ -4,6 +4,8 @@
     references/<product>/manifest.json        [{file, source, width, height, added_at}]
     references/<product>/config.json          {"tiles": "3x3", "overlap": 0.125} (optional)
     references/index.json                     the products (shared store only)
+    references/<product>/states/<digest>.pt   calibrated product states (inference/registry.py bundles), one per
+                                              model and set of references: a worker's start-up cache
 
 Where they live:
 - **shared** (`ReferenceStore.from_settings`): the artifact store every service reaches (a directory, or S3 /
@@ -15,6 +17,12 @@ Where they live:
   (a restart needs no network when nothing changed). Without a shared store (`ReferenceStore(state_dir)`) the
   local folder is the store itself, as before.
 
+Calibrating a product (memory, learned prototypes, threshold) costs seconds per product on a CPU, so the first
+worker to calibrate a (model, references, tiling) combination stores the state it derived next to the
+references (`keep_state`), and later workers, on this machine or another, load it (`cached_state`) instead of
+calibrating again. The digest names the model's fingerprint, the reference files and the tiling, so changed
+references or another model never meet an old state.
+
 Writes are atomic (temp file + rename, or one object per put), so a reader never sees half a file; the manifest
 is written after the images it names.
 
@@ -25,6 +33,7 @@ is written after the images it names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -35,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lineguard.artifacts import ArtifactStore, StorageError, open_artifact_store
+from lineguard.artifacts import ArtifactStore, StorageError, artifact_key, open_artifact_store
 
 from .model.tiles import NO_TILES, Tiling
 
@@ -78,19 +87,26 @@ class ReferenceStore:
         return self.root / product
 
     # -- the shared store ------------------------------------------------------------------------------
+    @staticmethod
+    def _key(key: str) -> str:
+        """The artifact key of `<product>/<file>` (or `index.json`). Product and file names need no escaping, so
+        the keys are those of earlier versions, except for a product ending in '_' or '.', which they folded into
+        another's ('disc_' into 'disc'): its references must be added again."""
+        return artifact_key("references", *key.split("/"))
+
     def _fetch(self, key: str) -> bytes | None:
         """The shared object `references/<key>`, or None when it is missing or the store cannot be reached."""
         if self.shared is None:
             return None
         try:
-            return self.shared.get(self.shared.uri_of(f"references/{key}"))
+            return self.shared.get(self.shared.uri_of(self._key(key)))
         except StorageError:
             return None
 
     def _publish(self, key: str, data: bytes) -> None:
         if self.shared is not None:
             try:
-                self.shared.put(f"references/{key}", data)
+                self.shared.put(self._key(key), data)
             except StorageError as exc:
                 raise ReferenceError(f"cannot write the shared references ({self.shared.root}): {exc}") from exc
 
@@ -155,6 +171,30 @@ class ReferenceStore:
             images.append(image)
         return images
 
+    # -- calibrated states: a start-up cache -----------------------------------------------------------
+    def state_digest(self, product: str, model_fingerprint: str) -> str:
+        """The name of `product`'s state for this model, these reference files and this tiling."""
+        files = [entry.file for entry in self.manifest(product)]
+        text = json.dumps([model_fingerprint, files, str(self.tiling(product)), self.tiling(product).overlap])
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def cached_state(self, product: str, digest: str) -> bytes | None:
+        """A state stored by `keep_state`: from this machine's cache, else from the shared store (then cached)."""
+        path = self._dir(product) / "states" / f"{digest}.pt"
+        if path.exists():
+            return path.read_bytes()
+        data = self._fetch(f"{product}/states/{digest}.pt")
+        if data is not None:
+            self._keep(path, data)
+        return data
+
+    def keep_state(self, product: str, digest: str, data: bytes) -> None:
+        """Store a calibrated state for the next worker; a shared store that refuses it costs only the cache."""
+        path = self._dir(product) / "states" / f"{digest}.pt"
+        self._keep(path, data)
+        with contextlib.suppress(ReferenceError):
+            self._publish(f"{product}/states/{digest}.pt", data)
+
     # -- writes ----------------------------------------------------------------------------------------
     def add_images(self, product: str, images: list[tuple[str, np.ndarray]]) -> list[ReferenceInfo]:
         """Store (source, BGR image) pairs; identical pixels are stored once. Returns the new entries."""
@@ -210,7 +250,8 @@ class ReferenceStore:
         self._write_manifest(product, [])
         if self.shared is not None:
             for name in [e.file for e in entries] + ["config.json"]:
-                self.shared.delete(self.shared.uri_of(f"references/{product}/{name}"))
+                with contextlib.suppress(StorageError):   # the manifest no longer names it: never read again
+                    self.shared.delete(self.shared.uri_of(self._key(f"{product}/{name}")))
         for entry in entries:
             (folder / entry.file).unlink(missing_ok=True)
         (folder / "manifest.json").unlink(missing_ok=True)

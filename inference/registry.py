@@ -22,7 +22,6 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -41,7 +40,8 @@ from sqlalchemy import (
     update,
 )
 
-from lineguard.artifacts import ArtifactStore, StorageError, open_artifact_store
+from lineguard.artifacts import ArtifactStore, StorageError, artifact_key, open_artifact_store
+from lineguard.db import private_sqlite, require_current
 from lineguard.settings import Settings
 
 from .model.decoder import ReferenceMemory
@@ -51,7 +51,7 @@ BUNDLE_FORMAT = 1
 STATUSES = ("candidate", "rejected", "live", "retired")
 LVLM_PRODUCT = "lvlm"    # versions of the LVLM's trained adapters (one set serves every product; training/lvlm.py)
 
-metadata = MetaData()
+metadata = MetaData()     # the table as the code queries it; lineguard/migrations creates and changes it
 model_versions = Table(
     "model_versions", metadata,
     Column("version", String(160), primary_key=True),        # "<product>.v<number>"
@@ -140,14 +140,14 @@ def state_from_bytes(data: bytes, device: torch.device | str = "cpu"):
 
 class ModelRegistry:
     def __init__(self, db_url: str, artifacts: ArtifactStore):
+        require_current(db_url)     # the migrations own `model_versions` (lineguard db upgrade); never created here
         if db_url.startswith("sqlite:///"):
-            Path(db_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite(db_url, create=False)
             self.engine = create_engine(db_url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _wal)
         else:
             self.engine = create_engine(db_url, pool_pre_ping=True)
         self.artifacts = artifacts
-        metadata.create_all(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRegistry:
@@ -227,7 +227,7 @@ class ModelRegistry:
                                 .order_by(model_versions.c.number.desc())).first()
             number = (last[0] if last else 0) + 1
             version = f"{product}.v{number:04d}"
-            uri = self.artifacts.put(f"registry/{product}/{version}.pt",
+            uri = self.artifacts.put(artifact_key("registry", product, f"{version}.pt"),
                                      bundle if bundle is not None else state_bytes(state))
             conn.execute(model_versions.insert().values(
                 version=version, product=product, number=number, status=status, parent=parent,

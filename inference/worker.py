@@ -21,6 +21,11 @@ is decoded and gives it back once it is published or dead-lettered; a spent budg
 stage, whose full queue stops the fetch. A model that fails on every frame, references included, stops
 the worker (`ModelBroken`) instead of dead-lettering the line; nothing past the failed frames is committed.
 
+Start-up: a product's calibrated state (memory, prototypes, threshold) is loaded from the state cache next to its
+references (inference/references.py) when a worker has already derived it for this model and these references,
+and calibrated (then stored there) otherwise; the threading choice below is cached per machine and model in
+`<state_dir>/model_threads.json`. `--no-start-cache` takes the old path (calibrate and measure every time).
+
 Threading: at start-up the worker times the model on its references (`tune_threads`). A model whose time is
 in Python (one call at a time on one core scores fastest) is moved into a process of its own
 (inference/model_process.py), so the pipeline's Python does not take turns with it for the GIL.
@@ -31,6 +36,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +56,7 @@ from inference.model_process import ModelProcessDied
 from inference.offsets import OffsetTracker
 from inference.outputs import heatmap_png, heatmap_side, overlay_jpeg
 from inference.references import ReferenceStore
-from inference.registry import LVLM_PRODUCT
+from inference.registry import LVLM_PRODUCT, state_bytes, state_from_bytes
 from inference.telemetry import WorkerMetrics
 from lineguard.events import (
     BadFrame,
@@ -69,6 +77,7 @@ from lineguard.topics import FRAMES, HEATMAPS, MODEL_UPDATES, VERDICTS
 log = get_logger(__name__)
 
 GROUP_ID = "lineguard-inference"
+TUNING_CACHE = "model_threads.json"   # under the state dir: the start-up measure's choice per machine and model
 JOIN_TIMEOUT_S = 60.0
 DEAD_LETTER_PAYLOAD_LIMIT = 256 * 1024
 MODEL_BROKEN_AFTER = 16   # frames in a row that made the model raise, with none scored between: the model is broken
@@ -163,6 +172,8 @@ class WorkerConfig:
     model_process: bool | None = None  # score in a child process (inference/model_process.py), away from the
                                        # pipeline's GIL; None = when the start-up measure finds one call at a
                                        # time on one core fastest (the model's time is in Python), on a CPU
+    start_cache: bool = True          # load calibrated product states and the threading choice from their caches
+                                      # (False: calibrate and measure at every start, the old path)
 
 
 class InferenceWorker:
@@ -191,6 +202,8 @@ class InferenceWorker:
         self.producer = None
         self._stopping = asyncio.Event()
         self._ready = False
+        self.states_from_cache: list[str] = []   # products whose calibrated state the last load took from the cache
+        self.rebalances = 0        # partitions revoked so far: records fetched before a revoke are not ours to keep
 
     def _model_pool(self, threads: int, per_call: int | None) -> ThreadPoolExecutor:
         initializer = None
@@ -215,6 +228,11 @@ class InferenceWorker:
             if getattr(state, "references", None)]
         if self.device != "cpu" or not canaries or cores < 2:
             return max(1, self.config.model_threads or 2), self.config.model_cpu_threads
+        key = self._tuning_key()
+        cached = self._tuning_cache().get(key) if key else None
+        if cached:
+            log.info("model_threads_tuned", threads=cached[0], torch_threads=cached[1], cached=True)
+            return cached[0], cached[1]
         batch = [FrameInput(canaries[i % len(canaries)][1], canaries[i % len(canaries)][0])
                  for i in range(self.config.max_batch)]
         speeds = {}
@@ -227,7 +245,67 @@ class InferenceWorker:
         best = max(speeds, key=speeds.get)
         log.info("model_threads_tuned", threads=best[0], torch_threads=best[1],
                  frames_per_s={f"{t}x{c}": round(v, 1) for (t, c), v in speeds.items()})
+        if key:
+            self._keep_tuning(key, best)
         return best
+
+    # -- start-up caches ------------------------------------------------------------------------
+    def _model_fingerprint(self) -> str | None:
+        """What a product's calibrated state depends on in the model: its version and configuration, less the
+        fields that only change how it runs. None for a scorer that is not an InspectionModel, or with the
+        caches off."""
+        config = getattr(self.model, "config", None)
+        if not self.config.start_cache or not dataclasses.is_dataclass(config) or not hasattr(self.model, "states"):
+            return None
+        config = dataclasses.replace(config, batch_size=0, llm=None, device=str(getattr(self.model, "device", "")))
+        return f"{self.model.version}|{config!r}"
+
+    def _load_cached_state(self, product: str) -> bool:
+        """Install the product's state from the state cache; False when there is none (or it is unreadable)."""
+        fingerprint = self._model_fingerprint()
+        if fingerprint is None:
+            return False
+        digest = self.references.state_digest(product, fingerprint)
+        data = self.references.cached_state(product, digest)
+        if data is None:
+            return False
+        try:
+            state = state_from_bytes(data, getattr(self.model, "device", "cpu"))
+        except Exception as exc:  # noqa: BLE001 - a bad cache entry costs a calibration, never the start
+            log.warning("state_cache_unreadable", product=product, digest=digest, error=_first_line(exc))
+            return False
+        self.model.states[product] = state
+        return True
+
+    def _keep_state(self, product: str) -> None:
+        fingerprint = self._model_fingerprint()
+        if fingerprint is None:
+            return
+        try:
+            self.references.keep_state(product, self.references.state_digest(product, fingerprint),
+                                       state_bytes(self.model.states[product]))
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: the worker serves without it
+            log.warning("state_cache_not_written", product=product, error=_first_line(exc))
+
+    def _tuning_key(self) -> str | None:
+        fingerprint = self._model_fingerprint()
+        if fingerprint is None:
+            return None
+        return f"{fingerprint}|cpu={_cpu_name()}|cores={self.cores}|max_batch={self.config.max_batch}"
+
+    def _tuning_cache(self) -> dict:
+        try:
+            return json.loads((self.settings.state_dir / TUNING_CACHE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _keep_tuning(self, key: str, best: tuple[int, int]) -> None:
+        path = self.settings.state_dir / TUNING_CACHE
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._tuning_cache() | {key: list(best)}, indent=1))
+            tmp.replace(path)
 
     def _wants_model_process(self) -> bool:
         if self.config.model_process is not None:
@@ -249,14 +327,23 @@ class InferenceWorker:
 
     # -- public ---------------------------------------------------------------------------------
     def load_references(self, products: list[str] | None = None) -> list[str]:
-        loaded = []
+        """Each product's references, and its calibrated state: from the state cache when a worker already
+        derived it for this model and these references, else calibrated here (and cached)."""
+        loaded, cached = [], []
+        started = time.monotonic()
         for product in products or self.references.products():
             images = self.references.load(product)
             if images:
-                self.model.set_references(product, images, tiling=self.references.tiling(product))
+                if self._load_cached_state(product):
+                    cached.append(product)
+                else:
+                    self.model.set_references(product, images, tiling=self.references.tiling(product))
+                    self._keep_state(product)
                 self._canaries[product] = images[0]
                 loaded.append(product)
-        log.info("references_loaded", products=loaded)
+        self.states_from_cache = cached
+        log.info("references_loaded", products=loaded, from_cache=cached,
+                 seconds=round(time.monotonic() - started, 2))
         for product in loaded:
             live = self._live_version(product)
             if live is not None:
@@ -406,10 +493,18 @@ class InferenceWorker:
         wanted = self.config.max_batch
         batch: list = []
         deadline = None
+        generation = self.rebalances
         while len(batch) < wanted and not self._stopping.is_set():
             timeout_ms = 500 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             fetched = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=wanted - len(batch))
             arrived = time.monotonic()
+            if self.rebalances != generation:
+                # partitions were revoked while this batch was filling: its records were never tracked, so the
+                # revoke neither waited for nor committed them, and their partition may be another worker's now.
+                # Drop them: whoever owns the partition fetches them again from its committed offset.
+                if batch:
+                    log.info("fetch_dropped_on_rebalance", frames=len(batch))
+                batch, deadline, generation = [], None, self.rebalances
             for records in fetched.values():
                 batch.extend((record, arrived) for record in records)
             if batch and deadline is None:
@@ -867,6 +962,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         worker = self.worker
+        worker.rebalances += 1     # the fetch stage drops what it gathered before this (see _collect_batch)
         deadline = time.monotonic() + worker.config.drain_timeout_s
         while worker.tracker.in_flight(revoked) and time.monotonic() < deadline:
             await worker.tracker.wait_change(0.05)
@@ -879,6 +975,9 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("partitions_revoked", partitions=len(revoked), committed=len(offsets))
 
     async def on_partitions_assigned(self, assigned) -> None:
+        # positions start again from the group's committed offsets: no state of an earlier ownership may
+        # survive into this one (a completion seen for it would count towards this one's commit point)
+        self.worker.tracker.forget(assigned)
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
@@ -901,6 +1000,16 @@ def _set_torch_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115 - read to the first match
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
 
 
 def _torch_threads() -> int:

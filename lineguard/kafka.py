@@ -11,12 +11,19 @@ import contextlib
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    PolicyViolationError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from lineguard import tansu
 from lineguard.events import DeadLetter
 from lineguard.logging import get_logger
-from lineguard.settings import Settings
+from lineguard.settings import ConfigError, Settings
 from lineguard.topics import DEADLETTER, TOPICS, TopicSpec
 
 log = get_logger(__name__)
@@ -109,42 +116,100 @@ async def _close_quietly(client) -> None:
         await closer()
 
 
-async def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> dict[str, str]:
-    """Create every topic with its partition count and configs; harmless when they exist.
+# Create-topics answers that mean "this client may not create topics here", not "the cluster is broken": fine as
+# long as the topics exist (a managed Kafka whose topics an operator made).
+NOT_ALLOWED_TO_CREATE = {
+    TopicAuthorizationFailedError.errno: "TopicAuthorizationFailed",
+    ClusterAuthorizationFailedError.errno: "ClusterAuthorizationFailed",
+    PolicyViolationError.errno: "PolicyViolation",
+}
 
-    Returns {topic: "created" | "exists"}. A topic that exists with another partition count is
-    reported in the log (partitions cannot be changed here: Tansu has no create_partitions).
+
+class TopicsMissing(ConfigError):
+    """A topic does not exist and could not be created; the message names it and why (fatal at start-up: waiting
+    cannot help, an operator must create it or grant the right)."""
+
+
+def topic_configs(settings: Settings, topic: TopicSpec) -> dict[str, str]:
+    """The configs a topic is created with: the message size, min.insync.replicas when set, the table's."""
+    configs = {"max.message.bytes": str(settings.kafka_max_message_bytes)}
+    if settings.kafka_min_insync_replicas is not None:
+        configs["min.insync.replicas"] = str(settings.kafka_min_insync_replicas)
+    return configs | topic.configs
+
+
+async def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> dict[str, str]:
+    """Create the topics that are missing, with their partition counts and configs; harmless when they exist.
+
+    Lists the topics first and creates only the missing ones, so a client without the right to create topics
+    (a managed Kafka) starts when an operator made them. Returns {topic: "created" | "exists"}; raises
+    TopicsMissing naming the topic when one is missing and cannot be created. A topic that exists with another
+    partition count is reported in the log (partitions cannot be changed here: Tansu has no create_partitions).
     """
     admin = AIOKafkaAdminClient(**client_kwargs(settings) | (tansu.admin_overrides() if settings.embedded else {}))
     await start_client(settings, admin)
     outcome: dict[str, str] = {}
     try:
+        existing = set(await admin.list_topics())
         for topic in specs:
             name = settings.topic(topic.name)
-            configs = {"max.message.bytes": str(settings.kafka_max_message_bytes)} | topic.configs
-            new = NewTopic(name, topic.partitions, settings.kafka_replication_factor, topic_configs=configs)
+            if name in existing:
+                outcome[name] = "exists"
+                continue
+            new = NewTopic(name, topic.partitions, settings.kafka_replication_factor,
+                           topic_configs=topic_configs(settings, topic))
             try:
                 response = await admin.create_topics([new])
-                errors = {t[0]: t[1] for t in getattr(response, "topic_errors", [])}
-                code = errors.get(name, 0)
-                if code == TopicAlreadyExistsError.errno:
-                    outcome[name] = "exists"
-                elif code:
-                    raise KafkaError(f"create topic {name} failed with error code {code}")
-                else:
-                    outcome[name] = "created"
+                code, message = next(((t[1], t[2] if len(t) > 2 else None)
+                                      for t in getattr(response, "topic_errors", []) if t[0] == name), (0, None))
             except TopicAlreadyExistsError:
+                code, message = TopicAlreadyExistsError.errno, None
+            except KafkaConnectionError as exc:
+                raise unavailable(settings, exc) from None
+            except KafkaError as exc:
+                code, message = getattr(exc, "errno", -1), str(exc)
+            if code == 0:
+                outcome[name] = "created"
+            elif code == TopicAlreadyExistsError.errno:     # made meanwhile, by another service's start
                 outcome[name] = "exists"
-        described = await admin.describe_topics(list(outcome))
+            elif code in NOT_ALLOWED_TO_CREATE and await _exists(admin, name):
+                # there, though not listed to this client: fine, an operator made it
+                log.warning("topic_create_not_allowed", topic=name, error=NOT_ALLOWED_TO_CREATE[code],
+                            action="using the existing topic")
+                outcome[name] = "exists"
+            elif code in NOT_ALLOWED_TO_CREATE:
+                raise TopicsMissing(f"topic {name} does not exist and this client may not create it "
+                                    f"({NOT_ALLOWED_TO_CREATE[code]}: {message or 'no detail'}): create it with "
+                                    f"{topic.partitions} partitions, or grant CREATE to the client "
+                                    f"({settings.kafka_sasl_username or settings.kafka_client_id})")
+            else:
+                raise TopicsMissing(f"topic {name} does not exist and creating it failed with error code {code}"
+                                    f" ({message or 'no detail'}); replication factor "
+                                    f"{settings.kafka_replication_factor} (LINEGUARD_KAFKA_REPLICATION_FACTOR), "
+                                    f"min.insync.replicas {settings.kafka_min_insync_replicas or 'the broker default'}"
+                                    " (LINEGUARD_KAFKA_MIN_INSYNC_REPLICAS)")
+        try:
+            described = await admin.describe_topics(list(outcome))
+        except KafkaError as exc:   # a client that may use the topics but not describe them: nothing to check
+            log.warning("topics_not_described", error=str(exc)[:200])
+            described = []
         for info in described:
             want = next(t.partitions for t in specs if settings.topic(t.name) == info["topic"])
             have = len(info["partitions"])
-            if have != want:
+            if info.get("error_code"):
+                log.warning("topic_not_described", topic=info["topic"], error_code=info["error_code"])
+            elif have != want:
                 log.warning("topic_partition_mismatch", topic=info["topic"], want=want, have=have)
     finally:
         await admin.close()
     log.info("topics_ready", **outcome)
     return outcome
+
+
+async def _exists(admin: AIOKafkaAdminClient, name: str) -> bool:
+    with contextlib.suppress(KafkaError):
+        return any(info["topic"] == name and not info.get("error_code") for info in await admin.describe_topics([name]))
+    return False
 
 
 async def publish_dead_letter(producer: AIOKafkaProducer, settings: Settings, letter: DeadLetter) -> None:

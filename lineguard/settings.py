@@ -5,7 +5,9 @@ Two profiles:
   The bootstrap address and the InfluxDB URL are read from the stack file that `lineguard up`
   writes (`<state_dir>/stack.json`) unless set explicitly.
 - `production`: any Kafka cluster (`LINEGUARD_KAFKA_BOOTSTRAP`, with SASL/SSL passed to aiokafka)
-  and any InfluxDB (`LINEGUARD_INFLUX_URL`).
+  and any InfluxDB (`LINEGUARD_INFLUX_URL`). It never falls back to a file of the pod's own: a service that
+  needs the records database or the artifact store refuses to start without `LINEGUARD_STORE_DB_URL` and
+  `LINEGUARD_STORE_ARTIFACTS`.
 
 A bad value fails at start-up with a message that names the environment variable.
 """
@@ -59,6 +61,7 @@ class Settings(BaseSettings):
     kafka_request_timeout_ms: int = Field(default=15_000, ge=1_000)
     kafka_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_min_insync_replicas: int | None = Field(default=None, ge=1)   # topic config min.insync.replicas
     topic_prefix: str = "lineguard."
 
     # InfluxDB
@@ -101,6 +104,32 @@ class Settings(BaseSettings):
             raise ValueError("LINEGUARD_KAFKA_SASL_MECHANISM is required with SASL security protocols")
         return self
 
+    # -- deployment checks (issue 25): topic replication and the production profile's shared state --------------
+    @model_validator(mode="after")
+    def _min_insync_fits_the_replication(self) -> Settings:
+        if self.kafka_min_insync_replicas is not None and \
+                self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ValueError(f"LINEGUARD_KAFKA_MIN_INSYNC_REPLICAS={self.kafka_min_insync_replicas} is above "
+                             f"LINEGUARD_KAFKA_REPLICATION_FACTOR={self.kafka_replication_factor}: no write could "
+                             "ever be acknowledged (acks=all); lower it or raise the replication factor")
+        return self
+
+    def _production_needs(self, name: str) -> None:
+        if self.profile == "production":
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} is not set: the production profile does not fall back "
+                              f"to a file of this container's own (set {ENV_PREFIX}{name.upper()}, or "
+                              f"{ENV_PREFIX}PROFILE=embedded for a single machine)")
+
+    def records_db_url(self) -> str:
+        if not self.store_db_url:
+            self._production_needs("store_db_url")
+        return self.store_db_url or f"sqlite:///{(self.state_dir / 'records.sqlite').resolve()}"
+
+    def artifacts_location(self) -> str:
+        if not self.store_artifacts:
+            self._production_needs("store_artifacts")
+        return self.store_artifacts or str((self.state_dir / "artifacts").resolve())
+
     @model_validator(mode="after")
     def _budget_holds_the_largest_frame(self) -> Settings:
         needed = frame_cost_bytes(self.max_frame_pixels)
@@ -113,12 +142,6 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.profile == "embedded"
-
-    def records_db_url(self) -> str:
-        return self.store_db_url or f"sqlite:///{(self.state_dir / 'records.sqlite').resolve()}"
-
-    def artifacts_location(self) -> str:
-        return self.store_artifacts or str((self.state_dir / "artifacts").resolve())
 
     @property
     def stack_file(self) -> Path:

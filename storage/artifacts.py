@@ -7,6 +7,8 @@ from lineguard.artifacts import (  # noqa: F401
     LocalArtifactStore,
     S3ArtifactStore,
     StorageError,
+    artifact_key,
+    key_part,
+    key_parts,
     open_artifact_store,
-    safe_name,
 )

@@ -148,6 +148,7 @@ async def aggregator_benchmark(settings: Settings, n: int) -> dict:
 
 
 async def recorder_benchmark(settings: Settings, m: int, state: Path) -> dict:
+    from lineguard.db import upgrade
     from storage.records import PendingRecord, Recorder, RecordStore, SaveBatch
     from storage.settings import load_storage_settings
 
@@ -159,6 +160,7 @@ async def recorder_benchmark(settings: Settings, m: int, state: Path) -> dict:
     await _publish(settings, "verdicts", [(v.camera_id.encode(), v.to_bytes(), None) for v in verdicts])
     storage_settings = load_storage_settings(store_group="bench-store", store_db_url=f"sqlite:///{state}/rec.db",
                                              store_artifacts=str(state / "artifacts"))
+    upgrade(storage_settings.db_url(settings))
     recorder = Recorder(settings, storage_settings)
     stop = asyncio.Event()
     task = asyncio.create_task(recorder.run(stop=stop))
@@ -176,6 +178,7 @@ async def recorder_benchmark(settings: Settings, m: int, state: Path) -> dict:
 
     # baseline: the same records, one transaction (and fsyncs) per record, no Kafka
     baseline_m = min(m, 200)
+    upgrade(f"sqlite:///{state}/baseline.db")
     store = RecordStore(f"sqlite:///{state}/baseline.db", recorder.store.artifacts.__class__(state / "baseline"))
     started = time.perf_counter()
     for verdict, (frame, heatmap) in zip(verdicts[:baseline_m], parts[:baseline_m], strict=True):

@@ -194,6 +194,46 @@ def bench_store_command(
         typer.echo(f"wrote the storage section of {output}", err=True)
 
 
+DB_URL_HELP = "The records database (default: LINEGUARD_STORE_DB_URL, else <state_dir>/records.sqlite)."
+
+
+def _db_url(db_url: str | None) -> str:
+    from lineguard.cli import cli_settings
+
+    return db_url or cli_settings().records_db_url()
+
+
+def db_upgrade_command(db_url: str = typer.Option(None, "--db-url", help=DB_URL_HELP)) -> None:
+    """Create or bring the records database up to this build's schema (the migrations; safe to run twice)."""
+    from lineguard.db import head, redact_url, upgrade
+
+    url = _db_url(db_url)
+    applied = _database_errors(upgrade, url)
+    typer.echo(f"{redact_url(url)}: {'applied ' + ', '.join(applied) if applied else 'already'} at {head()}")
+
+
+def db_current_command(db_url: str = typer.Option(None, "--db-url", help=DB_URL_HELP)) -> None:
+    """Print the records database's schema revision (`none`: never migrated) and whether it is this build's."""
+    from lineguard.db import current, head
+
+    found = _database_errors(current, _db_url(db_url))
+    typer.echo(f"{found or 'none'}{' (head)' if found == head() else f' (this build needs {head()})'}")
+
+
+def _database_errors(func, url: str):
+    """Run `func(url)`; a database that cannot be reached or changed (or its folder made) exits 1 with one line."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from lineguard.db import redact_url
+
+    try:
+        return func(url)
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        typer.echo(f"error: records database {redact_url(url)}: {reason}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.artifacts import StorageError
 
@@ -202,13 +242,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add the storage room's commands to the `lineguard` app (`bench`: its `bench` group): stats, store,
-    records, grafana push/generate, bench store."""
+    records, db upgrade/current, grafana push/generate, bench store."""
     from lineguard.cli import add_user_errors, cli_command
 
     add_user_errors(_user_errors)
     app.command("stats")(cli_command(stats_command))
     app.command("store")(cli_command(store_command))
     app.command("records")(cli_command(records_command))
+    db = typer.Typer(help="The records database's schema: migrations (upgrade) and the revision (current).",
+                     no_args_is_help=True)
+    db.command("upgrade")(cli_command(db_upgrade_command))
+    db.command("current")(cli_command(db_current_command))
+    app.add_typer(db, name="db")
     grafana = typer.Typer(help="Grafana: dashboards as code, datasource and dashboards push.", no_args_is_help=True)
     grafana.command("push")(cli_command(grafana_push_command))
     grafana.command("generate")(cli_command(grafana_generate_command))

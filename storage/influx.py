@@ -31,6 +31,7 @@ from typing import Protocol
 import httpx
 
 from lineguard.logging import get_logger
+from lineguard.settings import ConfigError
 
 log = get_logger(__name__)
 
@@ -43,6 +44,19 @@ class InfluxUnavailable(Exception):
 
 class InfluxRejected(Exception):
     """The server refused the data itself (HTTP 4xx other than auth/429): retrying cannot help."""
+
+
+class InfluxForbidden(InfluxUnavailable):
+    """HTTP 401/403: wrong credentials, or a permission they lack. The writer retries it like an outage (a token
+    can be fixed while points wait); at start-up `check_permissions` makes it fatal, naming what is missing."""
+
+    def __init__(self, reason: str, status: int):
+        super().__init__(reason)
+        self.status = status
+
+
+class InfluxPermissionError(ConfigError):
+    """InfluxDB answers, but the credentials may not read or write what the service needs (one line, fatal)."""
 
 
 # -- line protocol -----------------------------------------------------------------------------
@@ -180,6 +194,8 @@ class V2ClientTransport:
         except ApiException as exc:
             status = exc.status or 0
             reason = f"{self.url}: HTTP {status}: {(exc.body or exc.reason or '')!s:.300}"
+            if status in (401, 403):
+                raise InfluxForbidden(reason, status) from exc
             if status >= 500 or status in (401, 403, 404, 429) or status == 0:
                 raise InfluxUnavailable(reason) from exc
             raise InfluxRejected(reason) from exc
@@ -203,6 +219,8 @@ def _raise_for_status(response: httpx.Response) -> None:
     if response.status_code < 300:
         return
     reason = f"{response.request.url.copy_with(query=None)}: HTTP {response.status_code}: {response.text[:300]}"
+    if response.status_code in (401, 403):
+        raise InfluxForbidden(reason, response.status_code)
     if response.status_code >= 500 or response.status_code in (401, 403, 404, 429):
         raise InfluxUnavailable(reason)
     raise InfluxRejected(reason)
@@ -218,6 +236,48 @@ def make_transport(settings, storage_settings) -> InfluxTransport:
     return V1HttpTransport(settings.influx, settings.influx_database, username=storage_settings.influx_username,
                            password=password, token=token, retention_policy=storage_settings.influx_retention_policy,
                            timeout_s=storage_settings.influx_timeout_s, create_database=settings.embedded)
+
+
+def credential_settings(storage_settings) -> str:
+    """The settings that hold the InfluxDB credentials in force, for error messages."""
+    if storage_settings.influx_api == "v2" or (storage_settings.influx_token and not storage_settings.influx_username):
+        return "LINEGUARD_INFLUX_TOKEN"
+    if storage_settings.influx_username:
+        return "LINEGUARD_INFLUX_USERNAME/LINEGUARD_INFLUX_PASSWORD"
+    return "LINEGUARD_INFLUX_TOKEN or LINEGUARD_INFLUX_USERNAME/PASSWORD (none is set)"
+
+
+async def check_permissions(transport: InfluxTransport, query: str, probe: Point, *, target: str,
+                            credentials: str) -> None:
+    """Try one read (`query`) and one write (`probe`); raise InfluxPermissionError naming the missing permission
+    when the server refuses either (HTTP 401/403). InfluxUnavailable (server unreachable, 5xx) passes through:
+    the caller waits for the server, which a missing permission would never fix."""
+    refused: dict[str, InfluxForbidden] = {}
+    try:
+        await transport.query(query)
+    except InfluxForbidden as exc:
+        refused["read"] = exc
+    except InfluxRejected as exc:
+        if "database not found" not in str(exc):   # found, or created by the first write (embedded)
+            raise
+    try:
+        await transport.write([probe.line()])
+    except InfluxForbidden as exc:
+        refused["write"] = exc
+    if not refused:
+        return
+    first = next(iter(refused.values()))
+    detail = str(first).splitlines()[0].split(f"HTTP {first.status}: ", 1)[-1][:200]
+    # 401 on both: the credentials themselves are wrong. Otherwise one of the two passed, so they are valid and the
+    # refusal (401 or 403: InfluxDB 2.x answers 401 on some endpoints for a missing permission) names a permission.
+    if len(refused) == 2 and all(exc.status == 401 for exc in refused.values()):
+        raise InfluxPermissionError(f"InfluxDB at {transport.url} rejects the credentials in {credentials} "
+                                    f"(HTTP 401, {detail}): they must be valid and allow read and write on "
+                                    f"{target}")
+    missing = " and ".join(refused)
+    raise InfluxPermissionError(f"InfluxDB at {transport.url}: {credentials} lacks {missing.upper()} permission "
+                                f"on {target} (HTTP {first.status}, {detail}); the stats service reads its "
+                                "progress back and writes the statistics: give it read and write")
 
 
 # -- the buffered writer -----------------------------------------------------------------------

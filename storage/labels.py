@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, select, update
 
 from lineguard.events import Label
-from storage.artifacts import ArtifactStore, safe_name
+from storage.artifacts import ArtifactStore, artifact_key
 from storage.schema import as_utc, labels, naive_utc, records
 
 LABEL_STATUSES = ("unlabeled", "defect", "good")
@@ -29,7 +29,7 @@ LABEL_STATUSES = ("unlabeled", "defect", "good")
 
 def mask_key(label: Label) -> str:
     stamp = as_utc(label.labeled_at).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"labels/{safe_name(label.frame_id)}/{safe_name(label.operator)}-{stamp}-mask.png"
+    return artifact_key("labels", label.frame_id, f"{label.operator}-{stamp}-mask.png")
 
 
 def store_masks(artifacts: ArtifactStore, events: Iterable[Label]) -> dict[int, str]:

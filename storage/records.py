@@ -60,14 +60,15 @@ from pydantic import BaseModel
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from lineguard.db import private_sqlite, require_current
 from lineguard.events import BadFrame, FrameMeta, Heatmap, Label, Verdict, decode_frame
 from lineguard.health import serve_health, stop_server
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
-from storage.artifacts import ArtifactStore, StorageError, open_artifact_store, safe_name
+from storage.artifacts import ArtifactStore, ArtifactStoreError, StorageError, artifact_key, open_artifact_store
 from storage.labels import latest_defect_types, latest_status, save_labels, store_masks
-from storage.schema import as_utc, count_progress, counted_frames, frame_counts, naive_utc, records, upgrade
+from storage.schema import as_utc, count_progress, counted_frames, frame_counts, naive_utc, records
 from storage.settings import StorageSettings, sqlite_path
 from storage.vectors import VECTOR_INDEX_MIN_RECORDS, DescriptorIndex, PgVectorIndex
 from storage.vectors import available as vectors_available
@@ -165,32 +166,26 @@ class RecordStore:
         self._records_counted: tuple[float, int] = (-1e9, 0)
         path = sqlite_path(url)
         self._vector_path = path
-        if path is not None:
+        if url.startswith(("postgresql", "postgres")):
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise RecordStoreError(f"cannot create the records database folder {path.parent} "
-                                       f"(LINEGUARD_STORE_DB_URL): {exc}") from exc
+                import psycopg  # noqa: F401
+            except ImportError:
+                try:
+                    import psycopg2  # noqa: F401
+                except ImportError:
+                    raise RecordStoreError(
+                        f"{_redact(url)} needs a PostgreSQL driver: pip install 'lineguard[postgres]' "
+                        "(psycopg) and use a postgresql+psycopg:// URL") from None
+        try:
+            require_current(url)      # the migrations own the schema (lineguard db upgrade); never created here
+        except SQLAlchemyError as exc:
+            raise RecordStoreError(f"cannot open the records database {_redact(url)}: {_first_line(exc)}") from exc
+        if path is not None:
+            private_sqlite(url, create=False)
             self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            if url.startswith(("postgresql", "postgres")):
-                try:
-                    import psycopg  # noqa: F401
-                except ImportError:
-                    try:
-                        import psycopg2  # noqa: F401
-                    except ImportError:
-                        raise RecordStoreError(
-                            f"{_redact(url)} needs a PostgreSQL driver: pip install 'lineguard[postgres]' "
-                            "(psycopg) and use a postgresql+psycopg:// URL") from None
             self.engine = create_engine(url, pool_pre_ping=True)
-        try:
-            added = upgrade(self.engine)
-        except SQLAlchemyError as exc:
-            raise RecordStoreError(f"cannot open the records database {_redact(url)}: {_first_line(exc)}") from exc
-        if added:
-            log.info("records_schema_upgraded", added=added)
 
     @classmethod
     def from_settings(cls, settings: Settings, storage_settings: StorageSettings) -> RecordStore:
@@ -249,12 +244,14 @@ class RecordStore:
     def _put_artifacts(self, record: PendingRecord) -> dict[str, str | None]:
         verdict = record.verdict
         day = as_utc(verdict.captured_at).strftime("%Y-%m-%d")
-        base = f"{safe_name(verdict.product)}/{day}/{safe_name(verdict.frame_id)}"
+        def key(name: str) -> str:
+            return artifact_key(verdict.product, day, verdict.frame_id, name)
+
         heatmap = record.heatmap
         return {
-            "image_uri": self.artifacts.put(f"{base}/image.jpg", record.jpeg) if record.jpeg else None,
-            "heatmap_uri": self.artifacts.put(f"{base}/heatmap.png", heatmap.map_png) if heatmap else None,
-            "overlay_uri": (self.artifacts.put(f"{base}/overlay.jpg", heatmap.overlay_jpeg)
+            "image_uri": self.artifacts.put(key("image.jpg"), record.jpeg) if record.jpeg else None,
+            "heatmap_uri": self.artifacts.put(key("heatmap.png"), heatmap.map_png) if heatmap else None,
+            "overlay_uri": (self.artifacts.put(key("overlay.jpg"), heatmap.overlay_jpeg)
                             if heatmap and heatmap.overlay_jpeg else None),
         }
 
@@ -365,7 +362,10 @@ class RecordStore:
             for row in rows:
                 for uri in (row.image_uri, row.heatmap_uri, row.overlay_uri):
                     if uri:
-                        self.artifacts.delete(uri)
+                        try:
+                            self.artifacts.delete(uri)
+                        except ArtifactStoreError as exc:   # e.g. written under another artifact root
+                            log.warning("artifact_not_purged", uri=uri, error=str(exc))
             removed += len(rows)
         with self.engine.begin() as conn:  # the frame_ids behind counts older than any record kept
             day = (now - timedelta(days=max(retention_days, normal_retention_days))).strftime("%Y-%m-%d")

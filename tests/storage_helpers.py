@@ -145,3 +145,13 @@ def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.5):
             return last
         time.sleep(interval_s)
     return last
+
+
+def migrated(where):
+    """The records database at this build's schema, as `lineguard db upgrade` (or the embedded stack) leaves it:
+    `where` is a URL or Settings (their records_db_url()); returns the URL. Services only check the revision."""
+    from lineguard.db import upgrade
+
+    url = where if isinstance(where, str) else where.records_db_url()
+    upgrade(url)
+    return url

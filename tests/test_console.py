@@ -10,6 +10,7 @@ and the dialogue app's SSE stream; the browser signs in with the operator token,
 - a follow-up asked in the chat box (`/` focuses it) is answered, and the turn is stored in the database;
 - the `d` shortcut labels it a defect of the chosen type: the Label goes through the labels topic to the
   recorder, and `training_examples` returns it;
+- the page runs under the service's Content-Security-Policy with nothing blocked (no violation on the console);
 - a screenshot is written to the test's tmp_path (`console.png`, its path printed; `pytest -s` shows it).
 """
 
@@ -65,6 +66,15 @@ def in_thread(function, *args, **kwargs):
         return pool.submit(function, *args, **kwargs).result()
 
 
+def wait_for_js(page, expression: str, timeout_s: float = 30.0) -> None:
+    """Poll `expression` from here: page.wait_for_function evaluates it with eval() inside the page, which the
+    service's Content-Security-Policy (no 'unsafe-eval') rightly refuses; page.evaluate goes through CDP."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {expression}"
+        time.sleep(0.1)
+
+
 def test_console_shows_flagged_parts_answers_and_labels(settings, disc_model, tmp_path):
     from dialogue_helpers import dialogue_settings_for, run_pipeline, serve, storage_settings_for
     from helpers import read_topic_sync
@@ -80,7 +90,11 @@ def test_console_shows_flagged_parts_answers_and_labels(settings, disc_model, tm
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("pageerror", lambda error: page_errors.append(str(error)))
-            page.goto(f"{service.base_url}/")
+            # the service's Content-Security-Policy: Chromium reports anything it blocks on the console
+            page.on("console", lambda message: page_errors.append(message.text)
+                    if "Content Security Policy" in message.text else None)
+            loaded = page.goto(f"{service.base_url}/")
+            assert "frame-ancestors 'none'" in loaded.headers["content-security-policy"]
 
             # sign in once: the token goes to sessionStorage and the stream connects
             expect(page.locator("#token-dialog")).to_be_visible()
@@ -116,8 +130,8 @@ def test_console_shows_flagged_parts_answers_and_labels(settings, disc_model, tm
             expect(page.locator("#verdict")).to_have_text("Anomalous")
             expect(page.locator("#first-answer")).to_have_text(record["answer"])
             expect(page.locator("#facts")).to_contain_text(f"{round(record['confidence'] * 100)} %")
-            page.wait_for_function("document.getElementById('part-image').naturalWidth > 0")
-            page.wait_for_function("document.getElementById('part-heatmap').naturalWidth > 0")
+            wait_for_js(page, "document.getElementById('part-image').naturalWidth > 0")
+            wait_for_js(page, "document.getElementById('part-heatmap').naturalWidth > 0")
             expect(page.locator("#regions rect")).to_have_count(len(record["regions"]))
 
             # a follow-up in the chat box; `/` focuses it
@@ -159,7 +173,7 @@ def test_console_shows_flagged_parts_answers_and_labels(settings, disc_model, tm
                 page.keyboard.press("k")
                 expect(page.locator("#detail-title")).to_have_text(frame_id)
 
-            page.wait_for_function("document.getElementById('part-image').naturalWidth > 0")
+            wait_for_js(page, "document.getElementById('part-image').naturalWidth > 0")
             page.locator("#detail").evaluate("element => element.scrollTo(0, 0)")
             screenshot = tmp_path / "console.png"
             page.screenshot(path=str(screenshot))

@@ -265,7 +265,8 @@ def test_a_label_reaches_the_topic_the_recorder_and_training_and_names_the_look_
                                json={"is_defect": True, "defect_type": "scratch", "note": "seen at the bench"})
         assert response.status_code == 202, response.text
         assert response.json()["operator"] == "alice" and response.json()["topic"] == line.settings.topic(LABELS)
-    mask = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    frame = cv2.imdecode(np.frombuffer(line.store.artifacts.get(record.image_uri), np.uint8), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imencode(".png", np.zeros(frame.shape, np.uint8))[1].tobytes()   # a mask has the frame's shape
     good = {"is_defect": False, "note": "false alarm", "mask_png": base64.b64encode(mask).decode()}
     response = client.post(f"/api/records/{record.frame_id}/label", headers=operator, json=good)
     assert response.status_code == 202

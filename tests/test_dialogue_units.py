@@ -66,9 +66,9 @@ def test_tokens_are_stored_hashed_and_verified(tmp_path):
     create_token(path, "bob", "viewer")
     assert token not in path.read_text() and token_hash(token) in path.read_text()
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-    registry = TokenRegistry.load(path, env_tokens="admin:root:s3cret-admin-token")
+    registry = TokenRegistry.load(path, env_tokens="admin:root:s3cret-admin-token-0123456789abcdef")
     assert registry.verify(token).name == "alice" and registry.verify(token).role == "operator"
-    assert registry.verify("s3cret-admin-token").may("operator")
+    assert registry.verify("s3cret-admin-token-0123456789abcdef").may("operator")
     assert registry.verify("nope") is None and not registry.verify(token).may("admin")
     assert create_token(path, "alice", "operator") != token   # a new token replaces alice's
     assert TokenRegistry.load(path).verify(token) is None
@@ -130,13 +130,17 @@ def test_an_older_records_database_gets_the_descriptor_column(tmp_path):
         conn.execute("INSERT INTO records VALUES ('old-1', 'line-1', 'cam-0', 'disc', '2026-11-01 10:00:00', "
                      "'flagged', 1, 2.0, 1.0, 0.9, 'v', NULL, '[]', '{}', NULL, NULL, NULL, '', 'unlabeled', "
                      "'2026-11-01 10:00:01')")
+    from storage_helpers import migrated
+
+    migrated(f"sqlite:///{path}")      # `lineguard db upgrade` adopts the older database
     store = RecordStore(f"sqlite:///{path}", LocalArtifactStore(tmp_path / "artifacts"))
     try:
         with sqlite3.connect(path) as conn:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
         assert "descriptor" in columns
         assert store.get("old-1").frame_id == "old-1" and store.similar("old-1") == []
-        RecordStore(f"sqlite:///{path}", LocalArtifactStore(tmp_path / "artifacts")).close()   # idempotent
+        migrated(f"sqlite:///{path}")  # idempotent
+        RecordStore(f"sqlite:///{path}", LocalArtifactStore(tmp_path / "artifacts")).close()
     finally:
         store.close()
     with pytest.raises(KeyError):
@@ -150,7 +154,8 @@ def test_the_token_command_prints_the_token_once_and_stores_its_hash(tmp_path):
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     stored = json.loads((tmp_path / "dialogue-tokens.json").read_text())["tokens"]
-    assert stored == [{"name": "alice", "role": "operator", "sha256": token_hash(token)}]
+    assert [{k: v for k, v in entry.items() if k != "created_at"} for entry in stored] == \
+           [{"name": "alice", "role": "operator", "sha256": token_hash(token), "expires_at": None}]
     assert token not in result.stderr
     bad = subprocess.run([sys.executable, "-m", "deploy", "dialogue", "token", "--role", "boss", "--name", "x"],
                          capture_output=True, text=True, env=env, timeout=60)

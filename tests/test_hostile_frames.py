@@ -29,12 +29,14 @@ from lineguard.events import DeadLetter, FrameMeta, Verdict, encode_frame
 from lineguard.kafka import make_producer, start_client
 from lineguard.topics import DEADLETTER, FRAMES, VERDICTS
 from tests.helpers import read_topic
+from tests.storage_helpers import migrated
 from tests.worker_helpers import dead_letters, group, group_lag, healthy, worker_env
 
 
 @pytest.mark.slow
 def test_hostile_stream_ends_in_one_outcome_each_with_bounded_memory(settings, tmp_path):
     settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
+    migrated(settings)                      # `lineguard infer` opens the model registry: the schema comes first
     ensure_simulator_references(settings)
     bomb = bomb_jpeg()
     assert len(bomb) < settings.kafka_max_message_bytes   # a bomb fits in a message

@@ -65,7 +65,7 @@ def test_python_m_lineguard_is_gone_and_python_m_deploy_runs_the_app():
 
 EXPECTED = {
     (), ("up",), ("down",), ("ingest",), ("monitor",), ("demo",), ("infer",), ("schema",), ("eval",),
-    ("stats",), ("store",), ("records",),
+    ("stats",), ("store",), ("records",), ("db",), ("db", "upgrade"), ("db", "current"),
     ("topics",), ("topics", "create"), ("topics", "list"),
     ("refs",), ("refs", "add"), ("refs", "list"),
     ("bench",), ("bench", "stream"), ("bench", "resolution"), ("bench", "memory"), ("bench", "dialogue"),
@@ -90,7 +90,7 @@ def test_the_cli_tree_is_every_rooms_commands():
     root = typer.main.get_command(app)
     assert set(command_paths(root)) == EXPECTED
     assert list(root.commands) == ["up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store",
-                                   "records", "eval", "topics", "refs", "bench", "grafana", "train", "models",
+                                   "records", "db", "eval", "topics", "refs", "bench", "grafana", "train", "models",
                                    "dialogue"], "the order `lineguard --help` lists them in"
     assert list(root.commands["bench"].commands) == ["stream", "resolution", "memory", "scale", "dialogue", "gpu",
                                                      "all", "store", "train", "lvlm"]

@@ -9,7 +9,12 @@
   values load through the settings classes, commands and options exist in the CLI, probe and health-check ports
   are the CLI's and the settings' ports, images are the ones the Dockerfiles build, at the package's version.
 
-No kustomize or docker runs here: tests/manifest_helpers.py renders the kustomizations and interpolates compose.
+- deployments that start the first time (issue 25): kustomize fails without base/secrets.env, a changed Secret or
+  ConfigMap rolls the pods, one device per compose GPU worker, tokens from a mounted Secret, /dev/shm and
+  OMP_NUM_THREADS where torch runs, exec-form commands and grace periods, small-cluster topic replication.
+
+The overlays are rendered by the real `kubectl kustomize` (tests/manifest_helpers.py), from a copy of deploy/k8s
+with secrets.env written from the example; no docker runs here, so compose is interpolated by the helpers.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import importlib
 import json
 import os
 import re
+import tempfile
 import tomllib
 import urllib.parse
+from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
@@ -31,17 +38,20 @@ import typer
 import yaml
 from manifest_helpers import (
     DEPLOY,
+    K8S,
     REPO,
     InterpolationError,
+    KustomizeError,
     compose_config,
     find,
     interpolate,
+    k8s_copy,
     kustomize,
     load_documents,
     pod_spec,
     read_env_file,
-    strategic_merge,
     strict_crd_schema,
+    unhashed,
 )
 
 from dialogue.settings import DIALOGUE_ENV_PREFIX, DialogueSettings, load_dialogue_settings
@@ -54,7 +64,6 @@ SCHEMAS = REPO / "tests" / "schemas"
 SHARED_SPECS = REPO.parent / "shared" / "specs"
 COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
 COMPOSE_ENV = DEPLOY / "compose" / ".env.example"
-K8S = DEPLOY / "k8s"
 OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if (path / "kustomization.yaml").exists())
 SERVICES = ("infer", "stats", "store", "dialogue")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -203,7 +212,9 @@ def test_vendored_schemas_match_shared_specs():
 
 @functools.cache
 def rendered(overlay: str) -> tuple[dict, ...]:
-    return tuple(kustomize(K8S / "overlays" / overlay))
+    """`kubectl kustomize overlays/OVERLAY` of a copy of deploy/k8s with secrets.env made from the example."""
+    with tempfile.TemporaryDirectory() as folder:
+        return tuple(kustomize(k8s_copy(Path(folder)) / "overlays" / overlay))
 
 
 @functools.cache
@@ -340,8 +351,10 @@ def test_settings_and_images_match_the_code(overlay, monkeypatch):
         for container in spec_["containers"]:
             names = {e["name"] for e in container.get("env", [])}
             assert all(not n.startswith("LINEGUARD") or n in known for n in names), names - known
-            assert {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]} == \
-                {"lineguard-config", "lineguard-secrets"}
+            refs = {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]}
+            assert {unhashed(name) for name in refs} == {"lineguard-config", "lineguard-secrets"}
+            assert refs == {find(objects, "ConfigMap", "lineguard-config")["metadata"]["name"],
+                            find(objects, "Secret", "lineguard-secrets")["metadata"]["name"]}, "hashed names"
             image, _, tag = container["image"].partition(":")
             assert image in IMAGES and tag == VERSION, container["image"]
             env = config | secret | {e["name"]: e["value"] for e in container.get("env", [])}
@@ -383,19 +396,6 @@ def test_nightly_training_and_disruption_budgets():
         "selector"]
     topics = find(objects, "Job", "lineguard-topics")
     assert cli_params(pod_spec(topics)["containers"][0]["args"])["command"] == ["topics", "create"]
-
-
-def test_kustomize_renderer_merges_like_a_strategic_merge_patch():
-    base = {"spec": {"containers": [{"name": "a", "image": "x:1", "args": ["one", "two"],
-                                     "env": [{"name": "K", "value": "1"}]}, {"name": "b", "image": "y:1"}],
-                     "tolerations": [{"key": "old"}]}}
-    patch = {"spec": {"containers": [{"name": "a", "args": ["three"], "env": [{"name": "J", "value": "2"}]}],
-                      "tolerations": [{"key": "new"}]}}
-    assert strategic_merge(base, patch) == {"spec": {
-        "containers": [{"name": "a", "image": "x:1", "args": ["three"],
-                        "env": [{"name": "K", "value": "1"}, {"name": "J", "value": "2"}]},
-                       {"name": "b", "image": "y:1"}],
-        "tolerations": [{"key": "new"}]}}
 
 
 # -- compose -----------------------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def test_compose_settings_commands_ports_and_images_match_the_code(monkeypatch):
     model, _ = compose()
     known = setting_names()
     services = lineguard_services()
-    assert {"topics", "infer", "infer-gpu", "stats", "store", "dialogue", "train"} <= set(services)
+    assert {"topics", "infer", "infer-gpu-0", "infer-gpu-1", "stats", "store", "dialogue", "train"} <= set(services)
     for name, service in model["services"].items():
         for variable in service.get("environment", {}):
             assert not variable.startswith("LINEGUARD") or variable in known, f"{name}: {variable} is not a setting"
@@ -459,7 +459,7 @@ def test_compose_settings_commands_ports_and_images_match_the_code(monkeypatch):
         if service.get("entrypoint"):
             script = " ".join(service["command"])
             if name == "train":
-                args = re.search(r"lineguard (train [^|\n]+?)\s*(\|\||$)", script)[1].split()
+                args = re.search(r"lineguard (train [^&|;\n]+)", script)[1].split()
                 assert cli_params(args)["nightly"]
             continue
         healthcheck = service.get("healthcheck", {})
@@ -510,10 +510,12 @@ def test_compose_brings_up_the_stack_the_issue_names():
     assert artifacts.scheme == "s3" and f'Bucket="{artifacts.netloc}"' in services["artifacts-bucket"]["command"][0]
     assert urllib.parse.parse_qs(artifacts.query)["endpoint_url"] == ["http://minio:9000"]
     assert store["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
-    gpu = services["infer-gpu"]
-    assert gpu["profiles"] == ["gpu"] and cli_params(gpu["command"])["device"] == "cuda"
-    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert services["infer-gpu-0"]["profiles"] == ["gpu"]
+    for name in ("infer-gpu-0", "infer-gpu-1"):
+        gpu = services[name]
+        assert cli_params(gpu["command"])["device"] == "cuda"
+        [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "profiles" not in services["train"] and "train --nightly" in services["train"]["command"][0]
 
 
@@ -538,3 +540,186 @@ def test_grafana_is_provisioned_from_deploy_grafana():
         assert grafana["environment"]["LINEGUARD_INFLUX_BUCKET"] == \
             compose()[0]["services"]["stats"]["environment"]["LINEGUARD_INFLUX_BUCKET"]
     assert list(datasources.glob("*.yaml")), f"no datasource in {datasources}"
+
+
+# -- deployments that start the first time (issue 25) ---------------------------------------------------------
+
+TORCH_COMMANDS = {"infer", "train", "dialogue"}      # the commands that run torch (dialogue: the LVLM answerer)
+
+
+def workloads(objects) -> list[tuple[dict, dict, dict]]:
+    """(object, pod spec, container) of every container of every workload."""
+    return [(obj, spec_, container) for obj in objects if (spec_ := pod_spec(obj)) for container in
+            spec_["containers"]]
+
+
+def config_and_secret(objects) -> dict[str, str]:
+    config = find(objects, "ConfigMap", "lineguard-config")["data"]
+    secret = {k: base64.b64decode(v).decode() for k, v in find(objects, "Secret", "lineguard-secrets")["data"].items()}
+    return config | secret
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_fails_without_secrets_env_as_it_does_for_a_user(overlay, tmp_path):
+    with pytest.raises(KustomizeError, match="secrets.env"):
+        kustomize(k8s_copy(tmp_path, secrets=None) / "overlays" / overlay)
+    assert "secrets.env" in (K8S / "base" / "kustomization.yaml").read_text()
+    assert "deploy/k8s/**/secrets.env" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_a_changed_secret_or_setting_rolls_every_deployment(tmp_path):
+    """The generated names carry a hash of the content and every reference is rewritten, so a new value changes
+    each Deployment's pod template (a rollout) and the next Job/CronJob run reads it."""
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    assert not kustomization.get("generatorOptions", {}).get("disableNameSuffixHash")
+
+    def templates(objects) -> dict[str, str]:
+        return {f"{o['kind']}/{o['metadata']['name']}": json.dumps(pod_spec(o), sort_keys=True)
+                for o in objects if pod_spec(o) is not None}
+
+    before = templates(rendered("cpu"))
+    changed_secret = templates(kustomize(k8s_copy(tmp_path / "a", secrets={
+        "LINEGUARD_INFLUX_TOKEN": "a-rotated-token"}) / "overlays" / "cpu"))
+    changed_config = templates(kustomize(k8s_copy(tmp_path / "b", config={
+        "LINEGUARD_LOG_LEVEL": "DEBUG"}) / "overlays" / "cpu"))
+    assert set(before) == set(changed_secret) == set(changed_config)
+    assert any(name.startswith("Deployment/") for name in before)
+    for name in before:
+        assert before[name] != changed_secret[name], f"{name} does not change with the Secret"
+        assert before[name] != changed_config[name], f"{name} does not change with the ConfigMap"
+    assert templates(rendered("cpu")) == templates(kustomize(k8s_copy(tmp_path / "c") / "overlays" / "cpu")), \
+        "the same values render the same templates (no rollout on a re-apply)"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_production_settings_start_with_explicit_stores_and_fitting_replication(overlay, monkeypatch):
+    env = config_and_secret(rendered(overlay))
+    settings, storage, _ = settings_from(env, monkeypatch)
+    assert settings.profile == "production"
+    assert storage.db_url(settings).startswith("postgresql") and storage.artifacts(settings).startswith("s3://")
+    assert settings.kafka_min_insync_replicas is not None
+    assert settings.kafka_min_insync_replicas <= settings.kafka_replication_factor
+    assert settings.kafka_replication_factor == 1, "fits a one-broker cluster; config.env says when to raise it"
+    del env["LINEGUARD_STORE_DB_URL"]
+    settings, storage, _ = settings_from(env, monkeypatch)
+    from lineguard.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="LINEGUARD_STORE_DB_URL"):
+        storage.db_url(settings)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_torch_containers_get_threads_and_shared_memory(overlay):
+    for obj, spec_, container in workloads(rendered(overlay)):
+        command = cli_params(container["args"])["command"][0]
+        if command not in TORCH_COMMANDS:
+            continue
+        where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("OMP_NUM_THREADS") == str(container["resources"]["limits"]["cpu"]), \
+            f"{where}: torch threads = the CPU limit"
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        [volume] = [v for v in spec_["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"], where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_stops_cleanly_on_sigterm(overlay):
+    for obj, spec_, container in workloads(rendered(overlay)):
+        where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        assert "command" not in container, f"{where}: the image's exec-form ENTRYPOINT (lineguard) is PID 1"
+        assert isinstance(container["args"], list), where
+        assert spec_["terminationGracePeriodSeconds"] >= 30, where
+        pre_stop = container.get("lifecycle", {}).get("preStop", {})
+        assert not pre_stop or isinstance(pre_stop["exec"]["command"], list), where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dialogue_reads_its_tokens_from_a_mounted_secret(overlay):
+    objects = list(rendered(overlay))
+    env = config_and_secret(objects)
+    tokens_file = Path(env["LINEGUARD_DIALOGUE_TOKENS_FILE"])
+    spec_ = pod_spec(find(objects, "Deployment", "lineguard-dialogue"))
+    [container] = spec_["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(tokens_file.parent)]
+    assert mount["readOnly"] is True and "subPath" not in mount, "a subPath mount never sees a changed Secret"
+    [volume] = [v for v in spec_["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "lineguard-dialogue-tokens"
+    readme = (REPO / "README.md").read_text()
+    assert "kubectl create secret generic lineguard-dialogue-tokens" in readme
+    assert f"--from-file={tokens_file.name}" in readme and "--dry-run=client -o yaml | kubectl apply -f -" in readme
+    assert "dialogue token create" in readme and "--file" in readme
+
+
+def test_compose_gpu_workers_each_get_their_own_device():
+    services = compose()[0]["services"]
+    gpu = {name: service for name, service in services.items() if name.startswith("infer-gpu-")}
+    assert len(gpu) >= 2
+    devices = []
+    for name, service in gpu.items():
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in device, f"{name}: count: 1 per replica puts every replica on GPU 0"
+        assert len(device["device_ids"]) == 1 and int(service["deploy"]["replicas"]) == 1, name
+        devices += device["device_ids"]
+    assert len(set(devices)) == len(devices), f"two GPU workers share a device: {devices}"
+    example = read_env_file(COMPOSE_ENV)
+    assert devices == [example[f"INFER_GPU_{i}_DEVICE"] for i in range(len(gpu))]
+    assert "INFER_GPU_REPLICAS" not in example
+
+
+def test_compose_torch_services_get_threads_and_shared_memory_and_tokens(monkeypatch):
+    services = compose()[0]["services"]
+    for name, service in lineguard_services().items():
+        command = "train" if name == "train" else None if service.get("entrypoint") else service["command"][0]
+        if command in TORCH_COMMANDS:
+            assert service["environment"].get("OMP_NUM_THREADS"), name
+            assert re.fullmatch(r"\d+[mg]", service.get("shm_size", "")), f"{name}: /dev/shm is 64 MiB by default"
+    dialogue, cli_service = services["dialogue"], services["cli"]
+    tokens_file = Path(dialogue["environment"]["LINEGUARD_DIALOGUE_TOKENS_FILE"])
+    assert cli_service["environment"]["LINEGUARD_DIALOGUE_TOKENS_FILE"] == str(tokens_file)
+    mounts = {target: source for source, _, target in (v.partition(":") for v in dialogue["volumes"])}
+    assert mounts[f"{tokens_file.parent}:ro"] == "./dialogue-tokens", "the folder, read-only"
+    assert f"./dialogue-tokens:{tokens_file.parent}" in cli_service["volumes"]
+    assert (COMPOSE_FILE.parent / "dialogue-tokens" / ".gitignore").exists()
+    assert "deploy/compose/dialogue-tokens" in (REPO / ".dockerignore").read_text()
+    env = services["store"]["environment"]
+    settings, storage, _ = settings_from(env, monkeypatch)
+    assert settings.profile == "production" and storage.db_url(settings).startswith("postgresql")
+    assert settings.kafka_min_insync_replicas == settings.kafka_replication_factor == 1
+
+
+def test_compose_training_loop_stops_on_sigterm(tmp_path):
+    """The `train` container's loop, run by a real /bin/sh: SIGTERM while it waits for TRAIN_AT ends it at once
+    (exit 0), where PID-1 sh without a trap would ignore it until docker's SIGKILL."""
+    import signal
+    import subprocess
+    import time
+
+    train = compose()[0]["services"]["train"]
+    assert train["init"] is True and train["entrypoint"] == ["/bin/sh", "-c"]
+    assert int(train["stop_grace_period"].rstrip("s")) >= 30
+    process = subprocess.Popen(["/bin/sh", "-c", train["command"][0]], env={"PATH": os.environ["PATH"],
+                               "TRAIN_AT": time.strftime("%H:%M", time.gmtime(time.time() - 3600))},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        assert process.stdout.readline().startswith("nightly training at")     # the trap is set before this
+        while not any(child.name() == "sleep" for child in _children(process.pid)):
+            assert time.monotonic() < deadline, "the loop never started its sleep"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert "stopping" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []

@@ -28,6 +28,7 @@ from ingest.sources import open_source
 from lineguard.events import decode_frame
 from lineguard.topics import FRAMES
 from tests.helpers import read_topic
+from tests.storage_helpers import migrated
 from tests.test_worker import Outputs
 from tests.worker_helpers import group, healthy, worker_env
 
@@ -127,6 +128,7 @@ def test_lineguard_infer_scores_in_a_model_process_and_takes_it_down_on_sigterm(
     """The command line (`python -m deploy infer --model-process`): the spawned child imports the parent's main
     module without running it, every frame gets a verdict, and SIGTERM leaves no child behind."""
     settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
+    migrated(settings)                      # `lineguard infer` opens the model registry: the schema comes first
     ensure_simulator_references(settings)
     port, n = free_port(), 12
     log_path = tmp_path / "infer.log"

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from storage_helpers import influx_query
 
+from lineguard.settings import ConfigError
 from storage.influx import InfluxWriter, Point, V1HttpTransport, V2ClientTransport
 
 
@@ -108,3 +109,129 @@ def test_v1_writer_against_real_influxd(stack):
     asyncio.run(go())   # the database does not exist yet: the writer creates it (embedded profile)
     series = influx_query(stack.influx_url, database, 'SELECT count("v") FROM "m"')
     assert series[0]["values"][0][1] == 50
+
+
+# -- start-up permission check, against a real influxd with auth enabled -------------------------------------------
+
+AUTH_INFLUXD_CONFIG = """\
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{root}/meta"
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  query-log-enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{http_port}"
+  auth-enabled = true
+  log-enabled = false
+[monitor]
+  store-enabled = false
+"""
+
+
+@pytest.fixture(scope="module")
+def auth_influxd(tmp_path_factory):
+    """influxd 1.6 with `auth-enabled = true`: an admin, a write-only, a read-only and a read-write user of the
+    database `lineguard` (made through the HTTP API, as an operator would). Yields (url, password)."""
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+
+    from deploy.stack import free_port
+
+    influxd = shutil.which("influxd") or "/usr/bin/influxd"
+    root = tmp_path_factory.mktemp("influxd-auth")
+    port = free_port()
+    (root / "influxdb.conf").write_text(AUTH_INFLUXD_CONFIG.format(root=root, http_port=port, rpc_port=free_port()))
+    with open(root / "influxd.log", "wb") as log_file:
+        process = subprocess.Popen([influxd, "-config", str(root / "influxdb.conf")], stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, (root / "influxd.log").read_text()[-800:]
+        try:
+            if httpx.get(f"{url}/ping", timeout=1).status_code == 204:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "influxd did not answer /ping within 60 s"
+        time.sleep(0.1)
+    password = "pw-1"
+
+    def query(statement: str, auth=("admin", password)) -> None:
+        response = httpx.post(f"{url}/query", data={"q": statement}, auth=auth, timeout=10)
+        assert response.status_code == 200 and "error" not in response.text, response.text
+
+    query(f"CREATE USER admin WITH PASSWORD '{password}' WITH ALL PRIVILEGES", auth=None)  # the first user: admin
+    query('CREATE DATABASE "lineguard"')
+    for user, grant in {"writer": "WRITE", "reader": "READ", "aggregator": "ALL"}.items():
+        query(f"CREATE USER {user} WITH PASSWORD '{password}'")
+        query(f'GRANT {grant} ON "lineguard" TO {user}')
+    try:
+        yield url, password
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _check(url: str, user: str, password: str) -> None:
+    from storage.influx import check_permissions
+
+    async def go() -> None:
+        transport = V1HttpTransport(url, "lineguard", username=user, password=password, create_database=False)
+        try:
+            await check_permissions(transport, 'SELECT last("v") FROM "stats_progress"',
+                                    Point("stats_startup", {}, {"started": True}, 1_700_000_000_000),
+                                    target="'lineguard'", credentials="LINEGUARD_INFLUX_USERNAME/PASSWORD")
+        finally:
+            await transport.close()
+
+    asyncio.run(go())
+
+
+def test_permission_check_names_the_missing_permission(auth_influxd):
+    from storage.influx import InfluxPermissionError, InfluxUnavailable
+
+    url, password = auth_influxd
+    _check(url, "aggregator", password)                       # read and write: passes
+    _check(url, "admin", password)
+    with pytest.raises(InfluxPermissionError, match=r"lacks READ permission on 'lineguard' \(HTTP 403") as read:
+        _check(url, "writer", password)                      # the k8s example's old write-only token
+    with pytest.raises(InfluxPermissionError, match=r"lacks WRITE permission on 'lineguard' \(HTTP 403") as write:
+        _check(url, "reader", password)
+    with pytest.raises(InfluxPermissionError, match=r"rejects the credentials in .* \(HTTP 401") as wrong:
+        _check(url, "aggregator", "not-the-password")
+    for error in (read, write, wrong):
+        assert "\n" not in str(error.value), "one line"
+    assert isinstance(read.value, ConfigError)
+    from deploy.stack import free_port
+
+    with pytest.raises(InfluxUnavailable) as unreachable:    # no server: not a permission problem, waited for
+        _check(f"http://127.0.0.1:{free_port()}", "aggregator", password)
+    assert not isinstance(unreachable.value, InfluxPermissionError)
+
+
+def test_stats_with_a_write_only_user_stops_in_one_line(auth_influxd, stack, tmp_path):
+    """`lineguard stats` with credentials that may write but not read: exit code 2 (configuration) and one line
+    naming the missing permission, instead of waiting for an 'unavailable' InfluxDB forever."""
+    import os
+    import subprocess
+    import sys
+
+    url, password = auth_influxd
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEGUARD_")} | {
+        "LINEGUARD_STATE_DIR": str(tmp_path), "LINEGUARD_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "LINEGUARD_TOPIC_PREFIX": "stats-perm.", "LINEGUARD_INFLUX_URL": url,
+        "LINEGUARD_INFLUX_USERNAME": "writer", "LINEGUARD_INFLUX_PASSWORD": password, "LINEGUARD_LOG_JSON": "1"}
+    result = subprocess.run([sys.executable, "-m", "deploy", "stats", "--http-port", "-1", "--seconds", "30"],
+                            env=env, capture_output=True, text=True, timeout=180)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and "LINEGUARD_INFLUX_USERNAME/LINEGUARD_INFLUX_PASSWORD lacks READ permission" \
+        in errors[0], result.stderr[-3000:]

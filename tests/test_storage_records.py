@@ -27,6 +27,7 @@ from storage_helpers import (
     group_offsets,
     heatmap_for,
     make_verdicts,
+    migrated,
     minute_ago,
     publish,
     wait_until,
@@ -69,6 +70,7 @@ def storage_settings_for(settings, tmp_path, **extra):
     values = {"store_group": f"store-{settings.topic_prefix}", "store_db_url": f"sqlite:///{tmp_path}/records.db",
               "store_artifacts": str(tmp_path / "artifacts"), "store_normal_sample_rate": SAMPLE_RATE,
               "store_join_timeout_s": 30.0} | extra
+    migrated(values["store_db_url"])      # as `lineguard db upgrade` leaves it: the recorder only checks the revision
     return load_storage_settings(**values)
 
 
@@ -376,7 +378,7 @@ def test_retention_purges_old_unlabelled_records_and_their_artifacts(tmp_path, r
     from storage.artifacts import LocalArtifactStore
     from storage.records import PendingRecord, SaveBatch
 
-    store = RecordStore(records_url, LocalArtifactStore(tmp_path / "a"))
+    store = RecordStore(migrated(records_url), LocalArtifactStore(tmp_path / "a"))
     now = datetime.now(UTC)
     old = make_verdicts(3, start=now - timedelta(days=40), defect_rate=1.0, prefix="old")
     fresh = make_verdicts(2, start=now - timedelta(days=1), defect_rate=1.0, prefix="new")
@@ -404,7 +406,7 @@ def test_a_verdict_resent_under_a_new_offset_counts_once_across_a_restart(tmp_pa
     from storage.artifacts import open_artifact_store
     from storage.records import Counted, SaveBatch
 
-    url = records_url
+    url = migrated(records_url)
     verdicts = make_verdicts(6, start=minute_ago(5), defect_rate=0.5, prefix="resent")
     first = RecordStore(url, open_artifact_store(str(tmp_path / "artifacts")))
     first.save(SaveBatch(counted=[Counted("lineguard.verdicts", 0, i, v) for i, v in enumerate(verdicts)]))

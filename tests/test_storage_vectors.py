@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 from sqlalchemy import delete, insert
+from storage_helpers import migrated
 
 from storage.artifacts import LocalArtifactStore
 from storage.records import RecordStore
@@ -36,7 +37,7 @@ def _rows(start: int, n: int, rng: np.random.Generator, centres: np.ndarray) -> 
 
 @pytest.fixture
 def stores(records_url, tmp_path):
-    url = records_url
+    url = migrated(records_url)
     indexed = RecordStore(url, LocalArtifactStore(tmp_path / "artifacts"), vector_index_min=1000)
     brute = RecordStore(url, LocalArtifactStore(tmp_path / "artifacts"), vector_index_min=None)
     yield indexed, brute, tmp_path

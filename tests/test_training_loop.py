@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dialogue_helpers import PRODUCT, registry_line, run_pipeline, small_model
-from storage_helpers import wait_until
+from storage_helpers import migrated, wait_until
 from test_training_learn import striped
 
 from inference.registry import ModelRegistry, RegistryError, state_bytes, state_from_bytes
@@ -138,7 +138,7 @@ def test_bundles_round_trip_and_rollback_walks_back(tmp_path):
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(back.memory.banks, state.memory.banks,
                                                                     strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(back.references, state.references, strict=True))
-    registry = ModelRegistry(f"sqlite:///{tmp_path}/r.sqlite", LocalArtifactStore(tmp_path / "artifacts"))
+    registry = ModelRegistry(migrated(f"sqlite:///{tmp_path}/r.sqlite"), LocalArtifactStore(tmp_path / "artifacts"))
     v1 = registry.register(PRODUCT, state, model.version, parent=None, metrics={}, lineage={})
     v2 = registry.register(PRODUCT, state, model.version, parent=v1.version, metrics={}, lineage={})
     registry.promote(v1.version)

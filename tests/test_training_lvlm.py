@@ -130,7 +130,10 @@ def test_the_dialogue_follows_the_live_adapters_of_the_registry(tmp_path):
     model = InspectionModel(ModelConfig(encoder=EncoderConfig.parse("random:vit-tiny"), device="cpu", llm=path))
     trained = AnomalyLVLM(LvlmConfig(llm=path, seed=5), embed_dim=model.encoder.embed_dim)
     frames = blob_samples(2, embed_dim=model.encoder.embed_dim)
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'records.sqlite'}", LocalArtifactStore(tmp_path / "artifacts"))
+    from storage_helpers import migrated
+
+    registry = ModelRegistry(migrated(f"sqlite:///{tmp_path / 'records.sqlite'}"),
+                             LocalArtifactStore(tmp_path / "artifacts"))
     try:
         released = registry.register(LVLM_PRODUCT, None, "lvlm:test", parent=None, metrics={}, lineage={},
                                      bundle=trained.adapter_bytes())

@@ -27,6 +27,7 @@ from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_fra
 from lineguard.kafka import make_producer, start_client
 from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
+from tests.storage_helpers import migrated
 from tests.worker_helpers import dead_letters, group, group_lag, healthy, worker_env
 
 # --- the offset rule, without Kafka ----------------------------------------------------------------------
@@ -251,6 +252,7 @@ def test_bad_frames_go_to_the_dead_letter_topic(settings, model):
 @pytest.fixture
 def refs_settings(settings, tmp_path):
     settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
+    migrated(settings)                      # `lineguard infer` opens the model registry: the schema comes first
     ensure_simulator_references(settings)
     return settings
 

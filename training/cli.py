@@ -73,6 +73,7 @@ def train_command(
     from dataclasses import asdict
     from datetime import datetime
 
+    from lineguard.cli import sigterm_as_interrupt
     from lineguard.settings import load_settings
     from storage.settings import load_storage_settings
     from training.train import train
@@ -84,8 +85,13 @@ def train_command(
             cutoff = datetime.fromisoformat(since)
         except ValueError as exc:
             raise typer.BadParameter(f"--since: {since!r} is not an ISO time such as 2026-12-01T00:00") from exc
-    results = _with_progress(lambda progress: train(settings, storage_settings, product=product, since=cutoff,
-                                                    dry_run=dry_run, progress=progress), sys.stderr.isatty())
+    # SIGTERM (docker stop, a deleted pod or its deadline) unwinds like Ctrl-C: the lock is released, nothing
+    # half-built is promoted, and the run exits 130 within the grace period instead of being killed mid-write
+    # (as PID 1 without a handler it would ignore SIGTERM until the SIGKILL).
+    with sigterm_as_interrupt():
+        results = _with_progress(lambda progress: train(settings, storage_settings, product=product,
+                                                        since=cutoff, dry_run=dry_run, progress=progress),
+                                 sys.stderr.isatty())
     if as_json:
         typer.echo(json.dumps({"results": [asdict(r) for r in results]}, default=str))
         return

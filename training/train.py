@@ -41,6 +41,7 @@ from inference.registry import ModelRegistry, ModelVersion
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from storage.labels import TrainingExample, training_examples
+from storage.masks import MaskError, decode_mask
 from storage.records import RecordStore
 from storage.settings import StorageSettings
 
@@ -136,8 +137,16 @@ def _image(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
 def _mask(store: RecordStore, example: TrainingExample) -> np.ndarray | None:
     """The operator's mask of a frame labelled defective (True where the defect is), when one was drawn; else
     the verdict's regions stand in for it (training/learn.py)."""
-    mask = _artifact_image(store, example.mask_uri, cv2.IMREAD_GRAYSCALE) if example.is_defect else None
-    return None if mask is None or not mask.any() else mask > 0
+    if not example.is_defect or not example.mask_uri:
+        return None
+    try:   # the label API's decoder and pixel limit: a stored mask is never decoded unchecked
+        mask = decode_mask(store.artifacts.get(example.mask_uri))
+    except MaskError as exc:
+        log.warning("label_mask_refused", frame_id=example.frame_id, error=str(exc))
+        return None
+    except Exception:  # noqa: BLE001 - a purged artifact: the verdict's regions stand in
+        return None
+    return mask > 0 if mask.any() else None
 
 
 def _split(examples: list[TrainingExample], holdout: float) -> tuple[list, list]:
