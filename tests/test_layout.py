@@ -70,10 +70,12 @@ EXPECTED = {
     ("refs",), ("refs", "add"), ("refs", "list"),
     ("bench",), ("bench", "stream"), ("bench", "resolution"), ("bench", "memory"), ("bench", "dialogue"),
     ("bench", "scale"), ("bench", "gpu"), ("bench", "all"), ("bench", "store"), ("bench", "train"), ("bench", "lvlm"),
+    ("bench", "soak"),
     ("grafana",), ("grafana", "push"), ("grafana", "generate"),
     ("train",), ("train", "lvlm"),
     ("models",), ("models", "list"), ("models", "show"), ("models", "promote"), ("models", "rollback"),
-    ("dialogue",), ("dialogue", "token"),
+    ("dialogue",), ("dialogue", "token"), ("dialogue", "token", "create"), ("dialogue", "token", "list"),
+    ("dialogue", "token", "revoke"),
 }
 
 
@@ -93,7 +95,7 @@ def test_the_cli_tree_is_every_rooms_commands():
                                    "records", "db", "eval", "topics", "refs", "bench", "grafana", "train", "models",
                                    "dialogue"], "the order `lineguard --help` lists them in"
     assert list(root.commands["bench"].commands) == ["stream", "resolution", "memory", "scale", "dialogue", "gpu",
-                                                     "all", "store", "train", "lvlm"]
+                                                     "all", "store", "train", "lvlm", "soak"]
 
 
 def test_each_room_registers_its_own_commands():
