@@ -92,7 +92,7 @@ def test_the_cli_tree_is_every_rooms_commands():
     root = typer.main.get_command(app)
     assert set(command_paths(root)) == EXPECTED
     assert list(root.commands) == ["up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store",
-                                   "records", "db", "eval", "topics", "refs", "bench", "grafana", "train", "models",
+                                   "records", "eval", "db", "topics", "refs", "bench", "grafana", "train", "models",
                                    "dialogue"], "the order `lineguard --help` lists them in"
     assert list(root.commands["bench"].commands) == ["stream", "resolution", "memory", "scale", "dialogue", "gpu",
                                                      "all", "store", "train", "lvlm", "soak"]
