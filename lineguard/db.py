@@ -125,6 +125,24 @@ def current(url_or_engine) -> str | None:
         return _revision(conn)
 
 
+def _wal(dbapi_connection, patience_s: float = 60.0) -> None:
+    """PRAGMA journal_mode=WAL, retried: while another upgrade holds the write lock, SQLite answers the mode
+    change with 'database is locked' at once (its busy handler does not wait for it)."""
+    import time
+
+    deadline = time.monotonic() + patience_s
+    delay = 0.01
+    while True:
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:     # the driver's OperationalError (sqlite3 or pysqlite3)
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def upgrade(url: str, revision: str = "head") -> list[str]:
     """Apply the migrations up to `revision`; returns the revisions applied (empty when already there)."""
     from alembic import command
@@ -137,7 +155,7 @@ def upgrade(url: str, revision: str = "head") -> list[str]:
         @event.listens_for(engine, "connect")
         def _driver_autocommit(dbapi_connection, _record) -> None:
             dbapi_connection.isolation_level = None       # the transaction is ours: BEGIN IMMEDIATE below
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            _wal(dbapi_connection)
 
         @event.listens_for(engine, "begin")
         def _write_lock(conn) -> None:
