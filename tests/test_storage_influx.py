@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from storage_helpers import influx_query
 
+from deploy.stack import INFLUXD_CONFIG
 from lineguard.settings import ConfigError
 from storage.influx import InfluxWriter, Point, V1HttpTransport, V2ClientTransport
 
@@ -113,23 +114,9 @@ def test_v1_writer_against_real_influxd(stack):
 
 # -- start-up permission check, against a real influxd with auth enabled -------------------------------------------
 
-AUTH_INFLUXD_CONFIG = """\
-reporting-disabled = true
-bind-address = "127.0.0.1:{rpc_port}"
-[meta]
-  dir = "{root}/meta"
-[data]
-  dir = "{root}/data"
-  wal-dir = "{root}/wal"
-  query-log-enabled = false
-[http]
-  enabled = true
-  bind-address = "127.0.0.1:{http_port}"
-  auth-enabled = true
-  log-enabled = false
-[monitor]
-  store-enabled = false
-"""
+# the embedded stack's influxd configuration, with authentication on
+AUTH_INFLUXD_CONFIG = INFLUXD_CONFIG.replace("auth-enabled = false", "auth-enabled = true")
+assert AUTH_INFLUXD_CONFIG != INFLUXD_CONFIG
 
 
 @pytest.fixture(scope="module")
