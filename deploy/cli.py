@@ -174,15 +174,23 @@ def bench_memory_command(
 def bench_scale_command(
     frames: int = typer.Option(240, min=16, help="Frames per phase."),
     encoder: str = typer.Option(None, help="Image encoder of the workers (default efficientnet-lite0)."),
+    rebalances: int = typer.Option(1, min=1, help="How many times the rebalance (worker joins, one leaves) runs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    write: Path = typer.Option(None, help="Also write the scale section into this file (BENCHMARKS.md)."),
 ) -> None:
     """One worker pinned to one core against two pinned to one core each, then a worker added and one stopped
     (SIGTERM) mid-stream: speedup, lost and duplicate verdicts, the longest pause."""
     from deploy.scale_bench import scale_benchmark, scale_section
 
     cli_settings()
-    result = scale_benchmark(frames=frames, encoder=encoder)
+    result = scale_benchmark(frames=frames, encoder=encoder, rebalances=rebalances)
     typer.echo(json.dumps(result) if as_json else scale_section(result))
+    if write is not None:
+        from deploy.bench import _replace_section
+
+        text = write.read_text() if write.exists() else "# Benchmarks\n"
+        write.write_text(_replace_section(text, "scale", scale_section(result)))
+        typer.echo(f"wrote the scale section of {write}", err=True)
 
 
 def bench_gpu_command(
