@@ -1,7 +1,7 @@
 """Storage in the demo: where the aggregator's and the recorder's data lives.
 
 `lineguard demo` (deploy/demo.py) runs `lineguard stats` and `lineguard store` as child processes
-(deploy/services.py) and prints this before and after the run:
+(lineguard/services.py) and prints this before and after the run:
 
     >>> print(where_data_lives(settings))
 """

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from deploy.bench import stream_section
+from bench.stream import stream_section
 
 
 def test_bench_stream_prints_one_json_object_and_loses_nothing(tmp_path):

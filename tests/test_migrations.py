@@ -178,8 +178,8 @@ def _start_up(service: str, state_dir: str, gate: str) -> str:
 
 
 def test_every_service_of_the_line_starts_at_once_on_a_fresh_database_twenty_times(tmp_path):
-    from deploy.stack import migrate_records
     from lineguard.settings import load_settings
+    from lineguard.stack import migrate_records
 
     _warm()    # forked service processes start with the modules loaded (spawning four would import torch four times)
     with ProcessPoolExecutor(len(SERVICES), mp_context=get_context("fork")) as pool:
@@ -351,9 +351,9 @@ def test_the_same_migrations_on_postgresql_twice_at_once(postgres_url, tmp_path)
 # --- private files ----------------------------------------------------------------------------------------------
 
 def test_the_state_dir_is_0700_and_the_database_files_0600(tmp_path):
-    from deploy.stack import EmbeddedStack
     from lineguard.artifacts import LocalArtifactStore
     from lineguard.settings import load_settings
+    from lineguard.stack import EmbeddedStack
     from storage.records import RecordStore
     from storage.vectors import DescriptorIndex, available
 

@@ -33,9 +33,9 @@ from storage_helpers import (
     wait_until,
 )
 
-from deploy.stack import free_port
 from lineguard.events import Label
 from lineguard.kafka import make_producer, start_client
+from lineguard.stack import free_port
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
 from storage.artifacts import ArtifactStoreError, StorageError
 from storage.labels import training_examples

@@ -38,14 +38,15 @@ from pathlib import Path
 import psutil
 from aiokafka.errors import KafkaError
 
-from deploy.bench import _frames, _produce, cameras_on_every_partition, machine, phase_settings
-from deploy.stack import EmbeddedStack
+from bench.report import machine
+from bench.stream import _frames, _produce, cameras_on_every_partition, phase_settings
 from ingest.publisher import as_published
 from ingest.simulator import PRODUCTS, LineSimulator
 from lineguard.events import Verdict
 from lineguard.kafka import make_consumer, start_client
 from lineguard.logging import get_logger
 from lineguard.settings import Settings, load_settings
+from lineguard.stack import EmbeddedStack
 from lineguard.topics import FRAMES, VERDICTS, spec
 
 log = get_logger(__name__)

@@ -40,14 +40,15 @@ from pathlib import Path
 
 import psutil
 
-from deploy.bench import _frames, _produce, _replace_section, cameras_on_every_partition, machine, phase_settings
-from deploy.demo import ensure_simulator_references, wait_healthy
-from deploy.scale_bench import VerdictLog
-from deploy.services import Services
-from deploy.stack import EmbeddedStack, free_port
+from bench.report import machine, write_section
+from bench.scale import VerdictLog
+from bench.stream import _frames, _produce, cameras_on_every_partition, phase_settings
+from inference.references import ensure_simulator_references
 from lineguard.events import DeadLetter, FrameMeta, Verdict
 from lineguard.kafka import ensure_topics
+from lineguard.services import Services, wait_healthy
 from lineguard.settings import Settings, load_settings
+from lineguard.stack import EmbeddedStack, free_port
 from lineguard.topics import DEADLETTER, FRAMES, spec
 
 LOAD = 0.7                        # of one worker's measured capacity
@@ -241,7 +242,7 @@ async def _soak(line: Line, minutes: float) -> dict:
                 events["worker_killed_at_verdict"] = killed
                 first_frame = asyncio.create_task(line.first_frame_served(restarted))
             elif index == 1:
-                line.stack.stop_influx()      # children start from the main thread (deploy/processes.py)
+                line.stack.stop_influx()      # children start from the main thread (lineguard/processes.py)
                 line.stack.start_influx()
             elif index == 2:
                 lock = asyncio.create_task(asyncio.to_thread(_hold_records_lock, line.records_db(), LOCK_S, held))
@@ -363,6 +364,4 @@ def report(result: dict, as_json: bool, write: Path | None, echo=print) -> None:
             table.add_row(key, str(value))
         Console().print(table)
     if write is not None:
-        text = write.read_text() if write.exists() else "# Benchmarks\n"
-        write.write_text(_replace_section(text, "soak", soak_section(result)))
-        echo(f"wrote the soak section of {write}")
+        write_section(write, "soak", soak_section(result), echo=echo)

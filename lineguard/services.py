@@ -12,15 +12,19 @@ its uncommitted frames are delivered again to the next worker, and nothing holds
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from deploy.processes import die_with_parent
 from lineguard.db import private_dir
 from lineguard.logging import get_logger
+from lineguard.processes import die_with_parent
 
 log = get_logger(__name__)
 
@@ -65,3 +69,18 @@ class Services:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+def wait_healthy(url: str, services: Services, timeout_s: float) -> dict:
+    """The JSON of `url` (a service's /healthz) once it answers; a child that exits meanwhile, or the deadline,
+    raises."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if services.dead():
+            raise RuntimeError(f"service(s) exited during start-up: {services.dead()} "
+                               f"(see {services.state_dir}/<name>.log)")
+        with contextlib.suppress(urllib.error.URLError, OSError, ValueError), \
+                urllib.request.urlopen(url, timeout=1) as response:
+            return json.loads(response.read())
+        time.sleep(0.3)
+    raise RuntimeError(f"worker not healthy at {url} within {timeout_s:.0f} s")
+
