@@ -133,7 +133,8 @@ async def aggregator_benchmark(settings: Settings, n: int) -> dict:
 
 async def recorder_benchmark(settings: Settings, m: int, state: Path) -> dict:
     from lineguard.db import upgrade
-    from storage.records import PendingRecord, Recorder, RecordStore, SaveBatch
+    from storage.recorder import Recorder
+    from storage.records import PendingRecord, RecordStore, SaveBatch
     from storage.settings import load_storage_settings
 
     verdicts = _verdicts(m, "rec", defect_rate=1.0)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lineguard.db import private_dir
 from lineguard.logging import get_logger
-from lineguard.processes import die_with_parent
+from lineguard.processes import die_with_parent, stop_children
 
 log = get_logger(__name__)
 
@@ -50,17 +50,8 @@ class Services:
         return [name for name, process in self.children.items() if process.poll() is not None]
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        for process in self.children.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
+        stop_children(self.children.values(), timeout_s)
         for name, process in self.children.items():
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
             log.info("service_stopped", service=name, pid=process.pid, code=process.returncode)
         self.children.clear()
 

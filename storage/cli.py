@@ -83,7 +83,7 @@ def store_command(
     http_host: str = typer.Option("127.0.0.1", help=HTTP_HOST_HELP),
 ) -> None:
     """Keep flagged frames (image, heatmap, overlay, verdict, answer) and labels; count normal frames."""
-    from storage.records import run_recorder
+    from storage.recorder import run_recorder
 
     settings, storage_settings = _settings()
     _run_until_signal(lambda stop: run_recorder(settings, storage_settings, seconds=seconds, stop=stop,

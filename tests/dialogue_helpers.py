@@ -30,7 +30,8 @@ from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.settings import Settings
 from lineguard.stack import free_port
-from storage.records import Recorder, RecordStore
+from storage.recorder import Recorder
+from storage.records import RecordStore
 from storage.settings import StorageSettings, load_storage_settings
 
 # fixed test tokens, one per role (the token file holds only their SHA-256)

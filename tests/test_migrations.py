@@ -143,7 +143,8 @@ def _start_up(service: str, state_dir: str, gate: str) -> str:
     settings = load_settings(state_dir=Path(state_dir))
     storage_settings = load_storage_settings(store_db_url=None, store_artifacts=None)
     if service == "recorder":
-        from storage.records import Recorder, SaveBatch
+        from storage.recorder import Recorder
+        from storage.records import SaveBatch
 
         recorder = Recorder(settings, storage_settings)
         recorder.store.save(SaveBatch(labels=[Label(frame_id="f1", operator="ana", is_defect=True)]))

@@ -39,7 +39,8 @@ from lineguard.stack import free_port
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
 from storage.artifacts import ArtifactStoreError, StorageError
 from storage.labels import training_examples
-from storage.records import Recorder, RecordStore, sampled
+from storage.recorder import Recorder
+from storage.records import RecordStore, sampled
 from storage.settings import load_storage_settings
 
 SAMPLE_RATE = 0.25

@@ -17,13 +17,13 @@ import urllib.request
 import pytest
 from aiokafka.structs import TopicPartition
 
-from inference.offsets import OffsetTracker
 from inference.references import ensure_simulator_references
 from inference.worker import InferenceWorker, WorkerConfig
 from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_frame
 from lineguard.kafka import make_producer, start_client
+from lineguard.offsets import OffsetTracker
 from lineguard.stack import free_port
 from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
