@@ -41,6 +41,7 @@ COPY inference ./inference
 COPY storage ./storage
 COPY dialogue ./dialogue
 COPY training ./training
+COPY bench ./bench
 COPY deploy ./deploy
 RUN pip install --no-deps -e . \
  && python -m compileall -q lineguard ingest inference storage dialogue training deploy

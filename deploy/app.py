@@ -1,8 +1,8 @@
 """The `lineguard` command: the rooms' commands assembled into one typer app.
 
-Each room owns its commands in its own `cli.py` and adds them with `register(app, bench)` (`bench`: the shared
-`lineguard bench` group); this module only puts them together, in the order `--help` lists them. The rooms'
-cli modules import only typer at module level, so `lineguard --help` stays fast.
+Each room owns its commands in its own `cli.py` and adds them with `register(app)`; the benchmarks' commands
+(bench/cli.py) fill the `lineguard bench` group. This module only puts them together, in the order `--help`
+lists them. The rooms' cli modules import only typer at module level, so `lineguard --help` stays fast.
 
     lineguard = "deploy.app:app"      # pyproject.toml's console script
     python -m deploy ...              # the same command, in this interpreter (deploy/__main__.py)
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import typer
 
+from bench import cli as bench_cli
 from deploy import cli as deploy_cli
 from dialogue import cli as dialogue_cli
 from inference import cli as inference_cli
@@ -22,7 +23,7 @@ from training import cli as training_cli
 # The order `lineguard --help` and `lineguard bench --help` list commands and groups in.
 ORDER = ("up", "down", "ingest", "monitor", "demo", "infer", "schema", "stats", "store", "records", "db", "eval",
          "topics", "refs", "bench", "grafana", "train", "models", "dialogue")
-BENCH_ORDER = ("stream", "resolution", "memory", "scale", "dialogue", "gpu", "all", "store", "train", "lvlm")
+BENCH_ORDER = ("stream", "resolution", "memory", "scale", "dialogue", "gpu", "all", "store", "train", "lvlm", "soak")
 
 
 ROOMS = (deploy_cli.register, ingest_cli.register, inference_cli.register, storage_cli.register,
@@ -43,7 +44,8 @@ def build_app() -> typer.Typer:
     bench = typer.Typer(help="Benchmarks; `make bench` runs `bench all` and writes BENCHMARKS.md.",
                         no_args_is_help=True)
     for register in ROOMS:
-        register(root, bench)
+        register(root)
+    bench_cli.register(bench)
     root.add_typer(bench, name="bench")
     _in_order(root, ORDER)
     _in_order(bench, BENCH_ORDER)

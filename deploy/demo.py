@@ -12,59 +12,25 @@ processes, and stops everything it started on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import time
-import urllib.error
-import urllib.request
 
-from deploy.services import Services
-from deploy.stack import EmbeddedStack, free_port, migrate_records, port_in_use, running_stack
 from inference.monitor import watch_verdicts
-from inference.references import ReferenceStore
-from ingest.publisher import as_published, publish
-from ingest.simulator import PRODUCTS, LineSimulator
+from inference.references import SIMULATOR_REFERENCE_SHOTS, ensure_simulator_references
+from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.logging import get_logger
+from lineguard.services import Services, wait_healthy
 from lineguard.settings import Settings
+from lineguard.stack import EmbeddedStack, free_port, migrate_records, port_in_use, running_stack
 from storage.demo import where_data_lives
 
 log = get_logger(__name__)
 
-REFERENCE_SHOTS = 8
+
 WORKER_READY_TIMEOUT_S = 180.0
 DIALOGUE_PORT = 8080
 DEMO_OPERATOR = "demo-operator"
 
 
-def ensure_simulator_references(settings: Settings, size: int = 256) -> list[str]:
-    """Register k good simulated parts per product, unless the product already has references.
-
-    They go through the same JPEG encoding as the published frames, as a camera's references would.
-    """
-    store = ReferenceStore.from_settings(settings)
-    simulator = LineSimulator(size=size)
-    added = []
-    for product in PRODUCTS:
-        if not store.manifest(product):
-            images = [as_published(image, settings.jpeg_quality)
-                      for image in simulator.normal_references(product, REFERENCE_SHOTS)]
-            store.add_images(product, [(f"simulator:{product}:{i}", image) for i, image in enumerate(images)])
-            added.append(product)
-    return added
-
-
-def wait_healthy(url: str, services: Services, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if services.dead():
-            raise RuntimeError(f"service(s) exited during start-up: {services.dead()} "
-                               f"(see {services.state_dir}/<name>.log)")
-        with contextlib.suppress(urllib.error.URLError, OSError, ValueError), \
-                urllib.request.urlopen(url, timeout=1) as response:
-            return json.loads(response.read())
-        time.sleep(0.3)
-    raise RuntimeError(f"worker not healthy at {url} within {timeout_s:.0f} s")
 
 
 def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: float, seconds: float | None,
@@ -84,7 +50,7 @@ def run_demo(settings: Settings, *, rate: float, cameras: int, defect_rate: floa
              f"influx {settings.influx}, state {settings.state_dir.resolve()}")
         added = ensure_simulator_references(settings)
         if added:
-            echo(f"registered {REFERENCE_SHOTS} normal reference image(s) for: {', '.join(added)}")
+            echo(f"registered {SIMULATOR_REFERENCE_SHOTS} normal reference image(s) for: {', '.join(added)}")
         services = Services(settings.state_dir, {
             "LINEGUARD_KAFKA_BOOTSTRAP": settings.bootstrap, "LINEGUARD_INFLUX_URL": settings.influx,
             "LINEGUARD_STATE_DIR": str(settings.state_dir.resolve()), "LINEGUARD_LOG_JSON": "1",

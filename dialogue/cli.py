@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from lineguard.cli import cli_command, cli_settings
+from lineguard.cli import cli_command
 
 
 def _settings(**overrides):
@@ -148,27 +148,8 @@ def revoke_command(name: str = typer.Option(..., help="The token's name (as in `
     typer.echo(f"revoked the token of {name} in {path}", err=True)
 
 
-def bench_dialogue_command(
-    frames: int = typer.Option(48, min=16, help="Simulated frames through the worker and recorder."),
-    fact_questions: int = typer.Option(280, min=7, help="Fact questions per phase (1 and 8 operators)."),
-    llm_questions: int = typer.Option(8, min=1, help="Free-form (LLM) questions with 1 operator (8 ops: ≥ 16)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    output: Path = typer.Option(None, help="Also put the markdown section into this file (BENCHMARKS.md)."),
-) -> None:
-    """Answers/s and p50/p99 latency of the dialogue service, fact vs LLM answers, 1 vs 8 operators."""
-    from dialogue.bench import dialogue_benchmark, markdown_section, write_section
-
-    cli_settings()
-    result = dialogue_benchmark(frames=frames, fact_questions=fact_questions, llm_questions=llm_questions)
-    typer.echo(json.dumps(result) if as_json else markdown_section(result))
-    if output is not None:
-        write_section(output, result)
-        typer.echo(f"wrote the dialogue section of {output}", err=True)
-
-
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add the dialogue room's commands to the `lineguard` app (`bench`: its `bench` group)."""
-    bench.command("dialogue")(cli_command(bench_dialogue_command))
+def register(app: typer.Typer) -> None:
+    """Add the dialogue room's commands to the `lineguard` app."""
     dialogue = typer.Typer(help="The operator dialogue service: API + console (FastAPI, uvicorn).",
                            invoke_without_command=True)
     dialogue.callback()(cli_command(serve_command))

@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lineguard.settings import ConfigError, Settings
+from lineguard.settings import ConfigError, Settings, load_env
 
 DIALOGUE_ENV_PREFIX = "LINEGUARD_DIALOGUE_"
 
@@ -93,12 +93,4 @@ class DialogueSettings(BaseSettings):
 
 def load_dialogue_settings(**overrides) -> DialogueSettings:
     """DialogueSettings from the environment; raises ConfigError naming the variable on a bad value."""
-    try:
-        return DialogueSettings(**overrides)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
-            name = f"{DIALOGUE_ENV_PREFIX}{field.upper()}" if field else "settings"
-            problems.append(f"{name}: {error['msg']}".replace("Value error, ", ""))
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    return load_env(DialogueSettings, DIALOGUE_ENV_PREFIX, **overrides)

@@ -172,8 +172,8 @@ def eval_command(
         typer.echo(f"{'n_test':>24}  {one['n_test']}   {one['images_per_second']} images/s")
 
 
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add the inference room's commands to the `lineguard` app (`bench`: its `bench` group)."""
+def register(app: typer.Typer) -> None:
+    """Add the inference room's commands to the `lineguard` app."""
     add_user_errors(_user_errors)
     app.command("infer")(cli_command(infer_command))
     app.command("eval")(cli_command(eval_command))

@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from lineguard.artifacts import ArtifactStore, StorageError, artifact_key, open_artifact_store
+from lineguard.settings import Settings
 
 from .model.tiles import NO_TILES, Tiling
 
@@ -264,3 +265,27 @@ class ReferenceStore:
         data = json.dumps({"tiles": str(tiling), "overlap": tiling.overlap}, indent=2).encode()
         self._publish(f"{product}/config.json", data)
         _atomic_write(folder / "config.json", data)
+
+
+SIMULATOR_REFERENCE_SHOTS = 8  # the demo's references per simulated product
+
+
+def ensure_simulator_references(settings: Settings, size: int = 256) -> list[str]:
+    """Register k good simulated parts per product, unless the product already has references.
+
+    They go through the same JPEG encoding as the published frames, as a camera's references would.
+    """
+    from ingest.publisher import as_published
+    from ingest.simulator import PRODUCTS, LineSimulator
+
+    store = ReferenceStore.from_settings(settings)
+    simulator = LineSimulator(size=size)
+    added = []
+    for product in PRODUCTS:
+        if not store.manifest(product):
+            images = [as_published(image, settings.jpeg_quality)
+                      for image in simulator.normal_references(product, SIMULATOR_REFERENCE_SHOTS)]
+            store.add_images(product, [(f"simulator:{product}:{i}", image) for i, image in enumerate(images)])
+            added.append(product)
+    return added
+

@@ -34,14 +34,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
     select,
     update,
 )
 
 from lineguard.artifacts import ArtifactStore, StorageError, artifact_key, open_artifact_store
-from lineguard.db import private_sqlite, require_current
+from lineguard.db import engine, private_sqlite, require_current
 from lineguard.settings import Settings
 
 from .model.decoder import ReferenceMemory
@@ -143,10 +141,7 @@ class ModelRegistry:
         require_current(db_url)     # the migrations own `model_versions` (lineguard db upgrade); never created here
         if db_url.startswith("sqlite:///"):
             private_sqlite(db_url, create=False)
-            self.engine = create_engine(db_url, connect_args={"check_same_thread": False, "timeout": 30})
-            event.listen(self.engine, "connect", _wal)
-        else:
-            self.engine = create_engine(db_url, pool_pre_ping=True)
+        self.engine = engine(db_url)
         self.artifacts = artifacts
 
     @classmethod
@@ -265,12 +260,6 @@ class ModelRegistry:
                 conn.execute(update(model_versions).where(model_versions.c.version == earlier[0].version)
                              .values(status="live", promoted_at=_now()))
         return self.get(earlier[0].version) if earlier else None
-
-
-def _wal(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")   # the recorder writes the same database
-    cursor.close()
 
 
 def _now() -> datetime:

@@ -53,7 +53,6 @@ from aiokafka.structs import TopicPartition
 from inference import frames
 from inference.budget import MemoryBudget
 from inference.model_process import ModelProcessDied
-from inference.offsets import OffsetTracker
 from inference.outputs import heatmap_png, heatmap_side, overlay_jpeg
 from inference.references import ReferenceStore
 from inference.registry import LVLM_PRODUCT, state_bytes, state_from_bytes
@@ -71,6 +70,7 @@ from lineguard.events import (
 )
 from lineguard.kafka import consumer_kwargs, make_consumer, make_producer, publish_dead_letter, start_client
 from lineguard.logging import get_logger
+from lineguard.offsets import OffsetTracker
 from lineguard.settings import Settings, frame_cost_bytes
 from lineguard.topics import FRAMES, HEATMAPS, MODEL_UPDATES, VERDICTS
 

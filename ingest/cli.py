@@ -68,8 +68,8 @@ def monitor_command(
         asyncio.run(watch_frames(settings, seconds=seconds, from_beginning=from_beginning))
 
 
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add the ingest room's commands to the `lineguard` app (`bench`: its `bench` group)."""
+def register(app: typer.Typer) -> None:
+    """Add the ingest room's commands to the `lineguard` app."""
     add_user_errors(_user_errors)
     app.command("ingest")(cli_command(ingest_command))
     app.command("monitor")(cli_command(monitor_command))

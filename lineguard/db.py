@@ -96,11 +96,28 @@ def head() -> str:
 
 
 def _engine(url: str):
-    from sqlalchemy import create_engine
+    """The migrations' engine: a longer lock wait, the WAL mode set by `upgrade` itself."""
+    return engine(url, timeout_s=60.0, pragmas=False)
 
-    if sqlite_file(url) is not None or url.startswith("sqlite"):
-        return create_engine(url, connect_args={"timeout": 60})
-    return create_engine(url, pool_pre_ping=True)
+
+def engine(url: str, *, timeout_s: float = 30.0, pragmas: bool = True):
+    """The one engine set-up of the records database, for every service that opens it (the records, the model
+    registry, the migrations). SQLite: usable from the services' worker threads, a lock wait of `timeout_s`,
+    and (`pragmas`) WAL, so that readers never block the recorder, with synchronous=FULL, so that a committed
+    record survives a power cut. PostgreSQL: connections checked before use (pool_pre_ping)."""
+    from sqlalchemy import create_engine, event
+
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    made = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s})
+    if pragmas:
+        event.listen(made, "connect", _sqlite_pragmas)
+    return made
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    _wal(dbapi_connection)
+    dbapi_connection.execute("PRAGMA synchronous=FULL")
 
 
 def _revision(connection) -> str | None:

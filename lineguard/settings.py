@@ -174,14 +174,20 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
 
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment; raises ConfigError naming the variable on a bad value."""
+def load_env(cls, prefix: str = ENV_PREFIX, **overrides):
+    """`cls` (a settings class of any room) from the environment and `overrides`; a bad value raises one
+    ConfigError that names each variable (`prefix` + the field) and what is wrong with it."""
     try:
-        return Settings(**overrides)
+        return cls(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
-            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-            problems.append(f"{name}: {error['msg']}")
+            name = f"{prefix}{field.upper()}" if field else "settings"
+            problems.append(f"{name}: {error['msg']}".replace("Value error, ", ""))
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment; raises ConfigError naming the variable on a bad value."""
+    return load_env(Settings, **overrides)

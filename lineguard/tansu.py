@@ -59,5 +59,17 @@ def consumer_overrides() -> dict:
     }
 
 
+def faust_overrides() -> dict:
+    """faust.App settings: JoinGroup waits half the session timeout; one record per producer batch."""
+    return {
+        "broker_session_timeout": SESSION_TIMEOUT_MS / 1000,
+        "broker_heartbeat_interval": HEARTBEAT_INTERVAL_MS / 1000,
+        "broker_request_timeout": (REQUEST_TIMEOUT_MS + SESSION_TIMEOUT_MS) / 1000,
+        "broker_rebalance_timeout": 20.0,
+        "producer_max_batch_size": 1,
+        "producer_linger": 0.0,
+    }
+
+
 def admin_overrides() -> dict:
     return {"request_timeout_ms": REQUEST_TIMEOUT_MS}

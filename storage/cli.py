@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import signal
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import typer
 
@@ -22,13 +19,11 @@ import typer
 def _storage_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from deploy.grafana.dashboards import SchemaCheckUnavailable
-        from deploy.grafana.push import GrafanaPushError
         from storage.artifacts import StorageError
 
         try:
             return func(*args, **kwargs)
-        except (StorageError, GrafanaPushError, SchemaCheckUnavailable) as exc:
+        except StorageError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
 
@@ -88,7 +83,7 @@ def store_command(
     http_host: str = typer.Option("127.0.0.1", help=HTTP_HOST_HELP),
 ) -> None:
     """Keep flagged frames (image, heatmap, overlay, verdict, answer) and labels; count normal frames."""
-    from storage.records import run_recorder
+    from storage.recorder import run_recorder
 
     settings, storage_settings = _settings()
     _run_until_signal(lambda stop: run_recorder(settings, storage_settings, seconds=seconds, stop=stop,
@@ -134,64 +129,6 @@ def records_command(
             typer.echo(record.model_dump_json())
     finally:
         store.close()
-
-
-@_storage_errors
-def grafana_push_command(
-    url: str = typer.Option(..., help="Grafana base URL, e.g. http://grafana:3000.", envvar="GRAFANA_URL"),
-    token: str = typer.Option(..., help="API / service-account token (or user:password).", envvar="GRAFANA_TOKEN"),
-    influx_url: str = typer.Option(None, help="InfluxDB URL as Grafana reaches it (default LINEGUARD_INFLUX_URL)."),
-) -> None:
-    """Create or update the InfluxDB datasource and push the lineguard dashboards to Grafana."""
-    from deploy.grafana.push import push
-
-    settings, storage_settings = _settings()
-    password = storage_settings.influx_password.get_secret_value() if storage_settings.influx_password else None
-    report = push(url, token, influx_url=influx_url or settings.influx, database=settings.influx_database,
-                  influx_username=storage_settings.influx_username, influx_password=password)
-    typer.echo(f"datasource lineguard-influxdb: {report.datasource}; folder lineguard: {report.folder}")
-    for uid, where in report.dashboards.items():
-        typer.echo(f"dashboard {uid}: {where or 'pushed'}")
-
-
-@_storage_errors
-def grafana_generate_command(
-    check: bool = typer.Option(False, "--check", help="Also type-check them against @grafana/schema (npm, tsc)."),
-) -> None:
-    """Regenerate deploy/grafana/dashboards/*.json from deploy/grafana/dashboards.py."""
-    from deploy.grafana.dashboards import schema_check, write_all
-
-    for path in write_all():
-        typer.echo(f"wrote {path}")
-    if check:
-        result = schema_check()
-        sys.stderr.write(result.stdout + result.stderr)
-        if result.returncode != 0:
-            typer.echo("error: the dashboards do not match Grafana's schema types", err=True)
-            raise typer.Exit(1)
-        typer.echo("schema check: ok")
-
-
-@_storage_errors
-def bench_store_command(
-    verdicts: int = typer.Option(4000, min=100, help="Verdicts for the aggregator run."),
-    records: int = typer.Option(400, min=20, help="Flagged frames for the recorder run."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    output: Path = typer.Option(None, help="Also put the markdown section into this file (BENCHMARKS.md)."),
-) -> None:
-    """Verdicts/s the aggregator sustains into InfluxDB and records/s the recorder sustains, with baselines."""
-    from storage.bench import markdown_section, store_benchmark, update_benchmarks_file
-
-    _settings()
-    result = store_benchmark(verdicts=verdicts, records=records)
-    if as_json:
-        typer.echo(json.dumps(result))
-    else:
-        for key, value in result.items():
-            typer.echo(f"{key}: {value}")
-    if output is not None:
-        update_benchmarks_file(output, markdown_section(result))
-        typer.echo(f"wrote the storage section of {output}", err=True)
 
 
 DB_URL_HELP = "The records database (default: LINEGUARD_STORE_DB_URL, else <state_dir>/records.sqlite)."
@@ -240,9 +177,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (StorageError,)
 
 
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add the storage room's commands to the `lineguard` app (`bench`: its `bench` group): stats, store,
-    records, db upgrade/current, grafana push/generate, bench store."""
+def register(app: typer.Typer) -> None:
+    """Add the storage room's commands to the `lineguard` app: stats, store, records, db upgrade/current."""
     from lineguard.cli import add_user_errors, cli_command
 
     add_user_errors(_user_errors)
@@ -254,8 +190,3 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     db.command("upgrade")(cli_command(db_upgrade_command))
     db.command("current")(cli_command(db_current_command))
     app.add_typer(db, name="db")
-    grafana = typer.Typer(help="Grafana: dashboards as code, datasource and dashboards push.", no_args_is_help=True)
-    grafana.command("push")(cli_command(grafana_push_command))
-    grafana.command("generate")(cli_command(grafana_generate_command))
-    app.add_typer(grafana, name="grafana")
-    bench.command("store")(cli_command(bench_store_command))

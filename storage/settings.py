@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lineguard.settings import ENV_PREFIX, ConfigError, Settings
+from lineguard.settings import ENV_PREFIX, Settings, load_env
 
 
 class StorageSettings(BaseSettings):
@@ -77,15 +77,7 @@ class StorageSettings(BaseSettings):
 
 def load_storage_settings(**overrides) -> StorageSettings:
     """StorageSettings from the environment; raises ConfigError naming the variable on a bad value."""
-    try:
-        return StorageSettings(**overrides)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
-            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-            problems.append(f"{name}: {error['msg']}".replace("Value error, ", ""))
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    return load_env(StorageSettings, ENV_PREFIX, **overrides)
 
 
 def sqlite_path(url: str) -> Path | None:

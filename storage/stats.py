@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lineguard import tansu
 from lineguard.events import POSITIONS, DeadLetter, Verdict
 from lineguard.health import serve_health, stop_server
+from lineguard.kafka import faust_kwargs
 from lineguard.logging import get_logger
 from lineguard.settings import Settings
 from lineguard.topics import DEADLETTER, VERDICTS
@@ -396,52 +396,6 @@ class DeadLetterCounter:
 
 
 # -- the faust app -----------------------------------------------------------------------------
-def faust_broker_settings(settings: Settings, storage_settings: StorageSettings) -> dict:
-    """faust.App keyword arguments for the broker; the embedded profile adds the Tansu work-arounds."""
-    import faust
-
-    conf: dict = {
-        "broker": ";".join(f"kafka://{server.strip()}" for server in settings.bootstrap.split(",")),
-        "broker_client_id": settings.kafka_client_id,
-        "consumer_auto_offset_reset": "earliest",
-        "consumer_max_fetch_size": settings.kafka_max_message_bytes + 64 * 1024,
-        "topic_allow_declare": False,   # `lineguard topics create` / `up` create every topic
-        "topic_disable_leader": True,   # no tables, so no leader topic
-        "web_enabled": False,
-        "store": "memory://",
-        "broker_commit_interval": 1.0,
-        "stream_wait_empty": False,     # open windows hold unacked verdicts by design: do not wait at stop
-    }
-    credentials = None
-    if settings.kafka_security_protocol != "PLAINTEXT":
-        ssl_context = None
-        if "SSL" in settings.kafka_security_protocol:
-            from aiokafka.helpers import create_ssl_context
-
-            ssl_context = create_ssl_context(cafile=settings.kafka_ssl_cafile, certfile=settings.kafka_ssl_certfile,
-                                             keyfile=settings.kafka_ssl_keyfile)
-        if settings.kafka_sasl_mechanism:
-            password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
-            credentials = faust.SASLCredentials(username=settings.kafka_sasl_username, password=password,
-                                                mechanism=settings.kafka_sasl_mechanism, ssl_context=ssl_context)
-        else:
-            credentials = faust.SSLCredentials(ssl_context)
-    if credentials is not None:
-        conf["broker_credentials"] = credentials
-    if settings.embedded:
-        # Tansu: JoinGroup waits half the session timeout; one record per producer batch
-        conf |= {
-            "broker_session_timeout": tansu.SESSION_TIMEOUT_MS / 1000,
-            "broker_heartbeat_interval": tansu.HEARTBEAT_INTERVAL_MS / 1000,
-            "broker_request_timeout": (tansu.REQUEST_TIMEOUT_MS + tansu.SESSION_TIMEOUT_MS) / 1000,
-            "broker_rebalance_timeout": 20.0,
-            "producer_max_batch_size": 1,
-            "producer_linger": 0.0,
-        }
-    else:
-        conf["broker_request_timeout"] = max(settings.kafka_request_timeout_ms / 1000, 90.0)
-    return conf
-
 
 class StatsService:
     """The aggregator's state and its I/O: faust app, InfluxDB writer, windows, lag probe."""
@@ -518,7 +472,7 @@ class StatsService:
     def make_app(self):
         import faust
 
-        conf = faust_broker_settings(self.settings, self.storage_settings)
+        conf = faust_kwargs(self.settings)
         app = faust.App(self.storage_settings.stats_group, **conf)
         verdicts = app.topic(self.settings.topic(VERDICTS), value_serializer="raw", key_serializer="raw")
         dead = app.topic(self.settings.topic(DEADLETTER), value_serializer="raw", key_serializer="raw")

@@ -23,8 +23,8 @@ _prefixes = itertools.count()
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """The real embedded stack, started once for the session and stopped at its end."""
-    from deploy.stack import EmbeddedStack
     from lineguard.settings import load_settings
+    from lineguard.stack import EmbeddedStack
 
     settings = load_settings(state_dir=tmp_path_factory.mktemp("state"), embedded_kafka_port=0,
                              embedded_influx_port=0)

@@ -23,14 +23,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.stack import free_port
 from dialogue.auth import token_hash
 from dialogue.settings import DialogueSettings, load_dialogue_settings
 from inference.worker import InferenceWorker, WorkerConfig
 from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.settings import Settings
-from storage.records import Recorder, RecordStore
+from lineguard.stack import free_port
+from storage.recorder import Recorder
+from storage.records import RecordStore
 from storage.settings import StorageSettings, load_storage_settings
 
 # fixed test tokens, one per role (the token file holds only their SHA-256)

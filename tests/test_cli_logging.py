@@ -200,8 +200,8 @@ def test_loop_on_the_endless_simulator_still_stops_at_the_limit(cli_env, setting
 def test_broker_dying_mid_stream_is_one_error_line_and_exit_1(cli_env, tmp_path):
     """The frames in flight when the broker dies are never acknowledged: ingest says so and exits 1,
     within the acknowledgement deadline (2 x the 10 s request timeout), instead of waiting for ever."""
-    from deploy.stack import EmbeddedStack
     from lineguard.settings import load_settings
+    from lineguard.stack import EmbeddedStack
 
     own = EmbeddedStack(load_settings(state_dir=tmp_path / "state", embedded_kafka_port=0), with_influx=False)
     own.start()

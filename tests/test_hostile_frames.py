@@ -18,15 +18,15 @@ import cv2
 import numpy as np
 import pytest
 
-from deploy.demo import ensure_simulator_references
-from deploy.hostile import BOMB_SIDE, bomb_jpeg, hostile_stream, send
-from deploy.processes import memory_bytes
-from deploy.stack import free_port
+from bench.hostile import BOMB_SIDE, bomb_jpeg, hostile_stream, send
+from inference.references import ensure_simulator_references
 from inference.worker import InferenceWorker, ModelBroken, WorkerConfig, documented_peak_bytes
 from ingest.publisher import encode_jpeg
 from ingest.simulator import LineSimulator
 from lineguard.events import DeadLetter, FrameMeta, Verdict, encode_frame
 from lineguard.kafka import make_producer, start_client
+from lineguard.processes import memory_bytes
+from lineguard.stack import free_port
 from lineguard.topics import DEADLETTER, FRAMES, VERDICTS
 from tests.helpers import read_topic
 from tests.storage_helpers import migrated

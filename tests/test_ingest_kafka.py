@@ -103,7 +103,7 @@ def test_unreachable_bootstrap_is_a_clear_error(free_port_closed):
 
 @pytest.fixture
 def free_port_closed():
-    from deploy.stack import free_port
+    from lineguard.stack import free_port
 
     return free_port()
 

@@ -1,7 +1,9 @@
 """The codebase's layout rules, read from the source (nothing heavy is imported except the CLI's typer tree).
 
-- `lineguard/` is the shared base: no module in it imports a room (ingest, inference, storage, dialogue,
-  training, deploy), not even lazily inside a function;
+- the rooms stand on floors, and an import runs only downward: `lineguard/` (the shared base, the embedded
+  stack included) at the bottom, then ingest → inference → storage → dialogue and training (one floor: they
+  never import each other), with bench/ and deploy/ on top (deploy assembles the CLI, so it may import bench).
+  Lazy imports inside functions and `importlib.import_module("...")` / `__import__("...")` count too;
 - the `lineguard` command is the rooms' commands assembled by `deploy/app.py`: the same tree of commands and
   groups as before the rooms owned them, and every room's user-fixable errors still print one `error:` line.
 """
@@ -14,7 +16,20 @@ from pathlib import Path
 import typer
 
 REPO = Path(__file__).resolve().parents[1]
-ROOMS = ("ingest", "inference", "storage", "dialogue", "training", "deploy")
+
+# room → the rooms it may import (besides itself). Everything not listed is forbidden: upward, sideways
+# (dialogue ↔ training) and in a circle.
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "lineguard": frozenset(),
+    "ingest": frozenset({"lineguard"}),
+    "inference": frozenset({"lineguard", "ingest"}),
+    "storage": frozenset({"lineguard", "ingest", "inference"}),
+    "dialogue": frozenset({"lineguard", "ingest", "inference", "storage"}),
+    "training": frozenset({"lineguard", "ingest", "inference", "storage"}),
+    "bench": frozenset({"lineguard", "ingest", "inference", "storage", "dialogue", "training"}),
+    "deploy": frozenset({"lineguard", "ingest", "inference", "storage", "dialogue", "training", "bench"}),
+}
+ROOMS = tuple(MAY_IMPORT)
 
 
 def _room(module: str | None) -> str | None:
@@ -41,19 +56,64 @@ def room_imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_the_shared_package_imports_no_room():
-    files = sorted((REPO / "lineguard").rglob("*.py"))
-    assert REPO / "lineguard" / "cli.py" in files
-    offending = [f"{path.relative_to(REPO)}:{line}: {name}" for path in files for line, name in room_imports(path)]
-    assert not offending, "lineguard/ must not import a room:\n" + "\n".join(offending)
+def dynamic_imports(path: Path) -> list[int]:
+    """Lines of `import_module(x)` / `__import__(x)` calls whose name is not a literal: the rule table cannot
+    read them, so the product code has none."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in ("import_module", "__import__") and not (
+                    node.args and isinstance(node.args[0], ast.Constant)):
+                lines.append(node.lineno)
+    return lines
+
+
+def violations(repo: Path) -> list[str]:
+    """Every import in the product code that the rule table forbids, as `path:line: room → module`."""
+    found = []
+    for room, allowed in MAY_IMPORT.items():
+        for path in sorted((repo / room).rglob("*.py")):
+            for line, name in room_imports(path):
+                target = _room(name)
+                if target != room and target not in allowed:
+                    found.append(f"{path.relative_to(repo)}:{line}: {room} → {name}")
+            found += [f"{path.relative_to(repo)}:{line}: {room} → a computed module name"
+                      for line in dynamic_imports(path)]
+    return found
+
+
+def test_every_import_runs_downward():
+    assert (REPO / "lineguard" / "cli.py").exists() and (REPO / "bench" / "report.py").exists()
+    offending = violations(REPO)
+    assert not offending, "imports that run upward, sideways or in a circle:\n" + "\n".join(offending)
+
+
+def test_the_rule_table_fails_on_an_upward_import(tmp_path):
+    """A test of the test: a copy of the tree with one upward import (storage → deploy), one sideways
+    (training → dialogue), one in the base (lineguard → a room, lazily) and a computed name is caught, each."""
+    for room in ROOMS:
+        (tmp_path / room).mkdir()
+    (tmp_path / "storage" / "x.py").write_text("from deploy.stack import thing\n")
+    (tmp_path / "training" / "y.py").write_text("import lineguard.settings\n\n\ndef f():\n"
+                                                "    from dialogue.answers import answer\n")
+    (tmp_path / "lineguard" / "z.py").write_text("def g():\n    importlib.import_module('ingest.cli')\n")
+    (tmp_path / "bench" / "w.py").write_text("import importlib\nname = 'deploy'\nimportlib.import_module(name)\n")
+    (tmp_path / "inference" / "ok.py").write_text("from ingest.publisher import encode_jpeg\nfrom .model import m\n")
+    assert sorted(violations(tmp_path)) == ["bench/w.py:3: bench → a computed module name",
+                                            "lineguard/z.py:2: lineguard → ingest.cli",
+                                            "storage/x.py:1: storage → deploy.stack",
+                                            "training/y.py:5: training → dialogue.answers"]
 
 
 def test_the_import_check_sees_lazy_imports(tmp_path):
     sample = tmp_path / "probe.py"
     sample.write_text("import lineguard.settings\n\n\ndef f():\n    from storage.records import RecordStore\n"
-                      "    import deploy.stack\n    importlib.import_module('ingest.cli')\n"
+                      "    import deploy.app\n    importlib.import_module('ingest.cli')\n"
                       "    from .events import Verdict\n")
-    assert room_imports(sample) == [(5, "storage.records"), (6, "deploy.stack"), (7, "ingest.cli")]
+    assert room_imports(sample) == [(1, "lineguard.settings"), (5, "storage.records"), (6, "deploy.app"),
+                                    (7, "ingest.cli")]
 
 
 def test_python_m_lineguard_is_gone_and_python_m_deploy_runs_the_app():
@@ -99,7 +159,7 @@ def test_the_cli_tree_is_every_rooms_commands():
 
 
 def test_each_room_registers_its_own_commands():
-    for room in ("ingest", "inference", "storage", "dialogue", "training", "deploy"):
+    for room in ("ingest", "inference", "storage", "dialogue", "training", "deploy", "bench"):
         tree = ast.parse((REPO / room / "cli.py").read_text())
         assert any(isinstance(node, ast.FunctionDef) and node.name == "register" for node in tree.body), room
 

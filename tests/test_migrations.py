@@ -143,7 +143,8 @@ def _start_up(service: str, state_dir: str, gate: str) -> str:
     settings = load_settings(state_dir=Path(state_dir))
     storage_settings = load_storage_settings(store_db_url=None, store_artifacts=None)
     if service == "recorder":
-        from storage.records import Recorder, SaveBatch
+        from storage.recorder import Recorder
+        from storage.records import SaveBatch
 
         recorder = Recorder(settings, storage_settings)
         recorder.store.save(SaveBatch(labels=[Label(frame_id="f1", operator="ana", is_defect=True)]))
@@ -178,8 +179,8 @@ def _start_up(service: str, state_dir: str, gate: str) -> str:
 
 
 def test_every_service_of_the_line_starts_at_once_on_a_fresh_database_twenty_times(tmp_path):
-    from deploy.stack import migrate_records
     from lineguard.settings import load_settings
+    from lineguard.stack import migrate_records
 
     _warm()    # forked service processes start with the modules loaded (spawning four would import torch four times)
     with ProcessPoolExecutor(len(SERVICES), mp_context=get_context("fork")) as pool:
@@ -351,9 +352,9 @@ def test_the_same_migrations_on_postgresql_twice_at_once(postgres_url, tmp_path)
 # --- private files ----------------------------------------------------------------------------------------------
 
 def test_the_state_dir_is_0700_and_the_database_files_0600(tmp_path):
-    from deploy.stack import EmbeddedStack
     from lineguard.artifacts import LocalArtifactStore
     from lineguard.settings import load_settings
+    from lineguard.stack import EmbeddedStack
     from storage.records import RecordStore
     from storage.vectors import DescriptorIndex, available
 

@@ -15,17 +15,17 @@ import numpy as np
 import psutil
 import pytest
 
-from deploy.demo import ensure_simulator_references
-from deploy.stack import free_port
 from inference import frames
 from inference.model.api import InspectionModel, ModelConfig
 from inference.model.encoders import EncoderConfig
 from inference.model_process import ModelProcess, ModelProcessDied
+from inference.references import ensure_simulator_references
 from inference.worker import FrameInput, InferenceWorker, ModelBroken, WorkerConfig
 from ingest.publisher import as_published, publish
 from ingest.simulator import LineSimulator
 from ingest.sources import open_source
 from lineguard.events import decode_frame
+from lineguard.stack import free_port
 from lineguard.topics import FRAMES
 from tests.helpers import read_topic
 from tests.storage_helpers import migrated

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from storage_helpers import influx_query
 
-from deploy.stack import pid_alive
+from lineguard.stack import pid_alive
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -96,7 +96,7 @@ def test_influxd_of_the_stack_accepts_writes_and_queries(stack):
 
 
 def test_second_stack_on_same_state_dir_is_refused(stack):
-    from deploy.stack import EmbeddedStack, StackError
+    from lineguard.stack import EmbeddedStack, StackError
 
     with pytest.raises(StackError, match="already running"):
         EmbeddedStack(stack.settings).start()
@@ -156,8 +156,8 @@ def test_demo_runs_the_line_through_inference_and_stops_cleanly(tmp_path):
             assert path.is_relative_to(artifacts) and path.stat().st_size > 0, (frame_id, uri)
 
     # influxd's data stays in the state dir: started again on the printed port, it answers with every window
-    from deploy.stack import EmbeddedStack
     from lineguard.settings import load_settings
+    from lineguard.stack import EmbeddedStack
 
     port = urllib.parse.urlparse(influx_url).port
     influx = EmbeddedStack(load_settings(state_dir=tmp_path, embedded_influx_port=port, embedded_kafka_port=0,
@@ -195,7 +195,7 @@ def _ports(info: dict) -> list[int]:
 
 
 def _all_gone(pids, ports) -> bool:
-    from deploy.stack import port_in_use
+    from lineguard.stack import port_in_use
 
     return not any(pid_alive(pid) for pid in pids) and not any(port_in_use(port) for port in ports)
 
@@ -256,9 +256,9 @@ def test_down_stops_a_stack_started_in_another_shell(tmp_path):
 def test_stale_stack_file_with_orphaned_servers_is_cleaned_up(tmp_path):
     """A stack file whose owner is gone but whose servers still run (e.g. left by an older build) is cleared:
     its servers are stopped, and the new stack starts."""
-    from deploy.processes import create_time
-    from deploy.stack import free_port
     from lineguard import tansu
+    from lineguard.processes import create_time
+    from lineguard.stack import free_port
 
     port = free_port()
     orphan = subprocess.Popen(tansu.broker_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -266,7 +266,7 @@ def test_stale_stack_file_with_orphaned_servers_is_cleaned_up(tmp_path):
     dead_owner = subprocess.Popen(["true"])
     dead_owner.wait()
     try:
-        from deploy.stack import port_in_use
+        from lineguard.stack import port_in_use
 
         _wait_for(lambda: port_in_use(port), 20, "orphan broker listening")
         (tmp_path / "stack.json").write_text(json.dumps({

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from storage_helpers import influx_query
 
-from deploy.stack import INFLUXD_CONFIG
 from lineguard.settings import ConfigError
+from lineguard.stack import INFLUXD_CONFIG
 from storage.influx import InfluxWriter, Point, V1HttpTransport, V2ClientTransport
 
 
@@ -129,7 +129,7 @@ def auth_influxd(tmp_path_factory):
 
     import httpx
 
-    from deploy.stack import free_port
+    from lineguard.stack import free_port
 
     influxd = shutil.which("influxd") or "/usr/bin/influxd"
     root = tmp_path_factory.mktemp("influxd-auth")
@@ -197,7 +197,7 @@ def test_permission_check_names_the_missing_permission(auth_influxd):
     for error in (read, write, wrong):
         assert "\n" not in str(error.value), "one line"
     assert isinstance(read.value, ConfigError)
-    from deploy.stack import free_port
+    from lineguard.stack import free_port
 
     with pytest.raises(InfluxUnavailable) as unreachable:    # no server: not a permission problem, waited for
         _check(f"http://127.0.0.1:{free_port()}", "aggregator", password)

@@ -33,13 +33,14 @@ from storage_helpers import (
     wait_until,
 )
 
-from deploy.stack import free_port
 from lineguard.events import Label
 from lineguard.kafka import make_producer, start_client
+from lineguard.stack import free_port
 from lineguard.topics import FRAMES, HEATMAPS, LABELS, VERDICTS
 from storage.artifacts import ArtifactStoreError, StorageError
 from storage.labels import training_examples
-from storage.records import Recorder, RecordStore, sampled
+from storage.recorder import Recorder
+from storage.records import RecordStore, sampled
 from storage.settings import load_storage_settings
 
 SAMPLE_RATE = 0.25

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from storage_helpers import group_offsets, influx_query, make_verdicts, minute_ago, publish
 
-from deploy.stack import free_port
 from lineguard.health import serve_health, stop_server
+from lineguard.stack import free_port
 from storage.settings import load_storage_settings
 from storage.stats import WINDOWS, StatsService, score_bucket, size_class
 
@@ -131,8 +131,8 @@ def test_influxd_restart_mid_stream_loses_no_window(settings, tmp_path):
     """A separate influxd is stopped while verdicts keep coming, then started again: every window arrives."""
     from structlog.testing import capture_logs
 
-    from deploy.stack import EmbeddedStack
     from lineguard.settings import load_settings
+    from lineguard.stack import EmbeddedStack
 
     own = EmbeddedStack(load_settings(state_dir=tmp_path / "influx-state", embedded_influx_port=0,
                                       embedded_kafka_port=0), with_influx=True)

@@ -17,14 +17,14 @@ import urllib.request
 import pytest
 from aiokafka.structs import TopicPartition
 
-from deploy.demo import ensure_simulator_references
-from deploy.stack import free_port
-from inference.offsets import OffsetTracker
+from inference.references import ensure_simulator_references
 from inference.worker import InferenceWorker, WorkerConfig
 from ingest.publisher import publish
 from ingest.sources import open_source
 from lineguard.events import DeadLetter, FrameMeta, Heatmap, Verdict, encode_frame
 from lineguard.kafka import make_producer, start_client
+from lineguard.offsets import OffsetTracker
+from lineguard.stack import free_port
 from lineguard.topics import DEADLETTER, FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
 from tests.storage_helpers import migrated

@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.stack import free_port
 from inference.outputs import HEATMAP_MAX_SIDE, OVERLAY_MAX_SIDE
 from inference.worker import InferenceWorker, WorkerConfig
 from ingest.publisher import as_published, publish
@@ -35,6 +34,7 @@ from ingest.sources import SourceFrame, open_source
 from lineguard.events import FrameMeta, Heatmap, Verdict, encode_frame
 from lineguard.kafka import ensure_topics, make_producer, start_client
 from lineguard.settings import load_settings
+from lineguard.stack import free_port
 from lineguard.topics import FRAMES, HEATMAPS, VERDICTS
 from tests.helpers import read_topic
 from tests.worker_helpers import dead_letters, group, group_lag

@@ -10,11 +10,11 @@ import json
 import pytest
 from aiokafka.structs import TopicPartition
 
-from inference.offsets import OffsetTracker
 from inference.references import ReferenceStore
 from inference.worker import TUNING_CACHE, FrameInput, InferenceWorker, WorkerConfig, _Rebalance
 from ingest.publisher import as_published
 from ingest.simulator import LineSimulator
+from lineguard.offsets import OffsetTracker
 from lineguard.settings import load_settings
 
 

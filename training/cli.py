@@ -1,7 +1,7 @@
 """The training room's commands: `lineguard train` (+ `train lvlm`), `models ...`, `bench train`, `bench lvlm`;
 `deploy/app.py` registers them with `register`. Torch loads only when a command runs.
 
-`lineguard bench train`: what operators' labels buy on real data (training/bench.py).
+`lineguard bench train`: what operators' labels buy on real data (bench/train.py).
 
     lineguard bench train --data ../shared/datasets/mpdd/metal_plate --shots 1 --labels 10,20,50 --json
 """
@@ -10,48 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import typer
 
 from lineguard.cli import add_user_errors, cli_command
-
-
-def bench_train_command(
-    data: list[Path] = typer.Option(..., "--data", help="MVTec-layout folder, or a folder of them; repeatable",
-                                    exists=True, file_okay=False, dir_okay=True),
-    shots: int = typer.Option(1, "--shots", min=1, help="normal references the product starts from"),
-    labels: str = typer.Option("10,20,50", "--labels", help="labelled test images to reveal, comma-separated"),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="reference draws and label orders"),
-    encoder: str = typer.Option("efficientnet-lite0", "--encoder", help="image encoder"),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
-) -> None:
-    """Learning curve: start from K references, reveal the labels of N test images (seeded, as an operator
-    would label them), learn, and evaluate on the remaining test images; N = 0 is the references alone."""
-    from inference.eval import build_model, categories
-    from training.bench import KEYS, learning_curve
-
-    try:
-        counts = tuple(int(n) for n in labels.split(",") if n.strip())
-    except ValueError as exc:
-        raise typer.BadParameter(f"--labels: {labels!r} is not a comma-separated list of counts") from exc
-    if not counts or min(counts) < 1:
-        raise typer.BadParameter("--labels: give positive counts, such as 10,20,50")
-    model = build_model(encoder)
-    try:
-        results = {str(root): learning_curve(root, shots=shots, labels=counts, seeds=seeds, model=model)
-                   for root in categories(data)}
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    if as_json:
-        typer.echo(json.dumps({"shots": shots, "seeds": seeds, "categories": results}))
-        return
-    for name, result in results.items():
-        typer.echo(f"{name} (evaluated on {result['evaluated_on']} images)")
-        for n, row in result["labels"].items():
-            typer.echo(f"  N={n:>3}  " + "  ".join(f"{key} {row[key]:.1f}" for key in KEYS))
-
 
 # --- lineguard train ---------------------------------------------------------------------------------
 
@@ -218,27 +180,6 @@ def train_lvlm_command(
         typer.echo(f"  - {reason}")
 
 
-def bench_lvlm_command(
-    steps: int = typer.Option(240, "--steps", min=1, help="optimiser steps"),
-    simulated: int = typer.Option(320, "--simulated", min=8, help="simulated parts to train on"),
-    held_out: int = typer.Option(160, "--held-out", min=8, help="simulated parts to measure on"),
-    llm: str = typer.Option(None, "--llm", help="local HF model folder or .gguf (default: SmolLM2-135M GGUF)"),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
-) -> None:
-    """What the trained soft tokens carry: the LLM's own answers with the facts withheld, before and after
-    training, on simulated parts it never trained on."""
-    from training.bench import lvlm_benchmark
-
-    result = lvlm_benchmark(steps=steps, simulated=simulated, held_out=held_out, llm=llm)
-    if as_json:
-        typer.echo(json.dumps(result))
-        return
-    for name in ("before", "after"):
-        typer.echo(f"{name:<7} yes/no {result[name]['yes_no_accuracy']:.1f} %  "
-                   f"position {result[name]['position_accuracy']:.1f} %")
-    typer.echo(f"training: {result['train_seconds']:.0f} s for {steps} steps")
-
-
 # --- registration -------------------------------------------------------------------------------------
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -247,11 +188,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (TrainingLocked,)
 
 
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add the training room's commands to the `lineguard` app (`bench`: its `bench` group)."""
+def register(app: typer.Typer) -> None:
+    """Add the training room's commands to the `lineguard` app."""
     add_user_errors(_user_errors)
-    bench.command("train")(cli_command(bench_train_command))
-    bench.command("lvlm")(cli_command(bench_lvlm_command))
     train = typer.Typer(help="Learn from operators' labels: candidates, the evaluation gate, promotion.",
                         invoke_without_command=True)
     train.callback()(cli_command(train_command))

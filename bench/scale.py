@@ -38,14 +38,16 @@ from pathlib import Path
 import psutil
 from aiokafka.errors import KafkaError
 
-from deploy.bench import _frames, _produce, cameras_on_every_partition, machine, phase_settings
-from deploy.stack import EmbeddedStack
+from bench.report import machine
+from bench.stream import _frames, _produce, cameras_on_every_partition, phase_settings
 from ingest.publisher import as_published
 from ingest.simulator import PRODUCTS, LineSimulator
 from lineguard.events import Verdict
 from lineguard.kafka import make_consumer, start_client
 from lineguard.logging import get_logger
+from lineguard.processes import stop_children
 from lineguard.settings import Settings, load_settings
+from lineguard.stack import EmbeddedStack
 from lineguard.topics import FRAMES, VERDICTS, spec
 
 log = get_logger(__name__)
@@ -127,14 +129,7 @@ async def _until(predicate, workers: list[subprocess.Popen], timeout_s: float) -
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    for worker in workers:
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+    stop_children(workers, 60.0, group=False)
 
 
 async def _drain(settings: Settings, frames, cores: list[int], encoder: str | None) -> float:

@@ -5,7 +5,7 @@
     ...     print(stack.kafka_bootstrap, stack.influx_url)
 
 Each server runs in its own process group, so `stop()` takes down everything it started, and dies with
-this process however it ends (`deploy/processes.py`). The endpoints and PIDs go to
+this process however it ends (`lineguard/processes.py`). The endpoints and PIDs go to
 `<state_dir>/stack.json`, where other commands find them; `stop_recorded_stack` (`lineguard down`)
 stops the stack a file names, and `start()` clears a stale one (owner gone) before it begins.
 
@@ -30,12 +30,20 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.processes import create_time, die_with_parent, port_holder, same_process, terminate, wait_gone
 from lineguard import tansu
 from lineguard.db import private_dir, redact_url
 from lineguard.db import upgrade as upgrade_records
 from lineguard.kafka import ensure_topics
 from lineguard.logging import get_logger
+from lineguard.processes import (
+    create_time,
+    die_with_parent,
+    port_holder,
+    same_process,
+    stop_children,
+    terminate,
+    wait_gone,
+)
 from lineguard.settings import Settings
 
 log = get_logger(__name__)
@@ -220,15 +228,7 @@ class EmbeddedStack:
 
     def _stop_child(self, child: Child, timeout_s: float) -> None:
         process = child.process
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
+        stop_children([process], timeout_s)
         # anything the server itself forked shares its process group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)

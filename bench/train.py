@@ -68,7 +68,8 @@ SECTION_LABELS = (10, 20, 50)
 
 def markdown_section(root: Path | None = None, shots: int = 1, seeds: int = 3) -> str:
     """The learning curve on every development category found under `root`, as a Markdown section."""
-    from inference.bench import DEV_CATEGORIES, datasets_root, machine
+    from bench.model import DEV_CATEGORIES, datasets_root
+    from bench.report import machine
 
     root = Path(root) if root is not None else datasets_root()
     header = "## Learning from labels (training/learn.py)\n\n"
@@ -95,7 +96,8 @@ def markdown_section(root: Path | None = None, shots: int = 1, seeds: int = 3) -
                           f"{'yes' if gain >= 10 else 'no'} |")
     labels = ",".join(map(str, SECTION_LABELS))
     return (header
-            + f"Machine: {machine()}. Whole section: {minutes:.1f} min. Command, per category: `lineguard bench train "
+            + f"Machine: {machine(threads=True)}. Whole section: {minutes:.1f} min. "
+              f"Command, per category: `lineguard bench train "
               f"--data {root}/<category> --shots {shots} --labels {labels} --seeds {seeds} --json`. Each seed draws "
               f"{shots} reference(s) and an order of the test images; the first N are labelled (frames labelled good "
               "join the memory, the threshold is re-derived from the labelled scores), and every N is evaluated on "
@@ -132,7 +134,7 @@ def lvlm_benchmark(steps: int = 240, simulated: int = 320, held_out: int = 160, 
 
 
 def lvlm_section(result: dict | None = None, steps: int = 240) -> str:
-    from inference.bench import machine
+    from bench.report import machine
 
     result = result or lvlm_benchmark(steps=steps)
     before, after = result["before"], result["after"]
@@ -141,7 +143,7 @@ def lvlm_section(result: dict | None = None, steps: int = 240) -> str:
     pos_ok = after["position_accuracy"] >= 70
     return (
         "## LVLM adapters trained on simulated anomalies (`lineguard bench lvlm`)\n\n"
-        f"Machine: {machine()} ({result['device']}). Whole section: {result['minutes']:.1f} min. Command: "
+        f"Machine: {machine(threads=True)} ({result['device']}). Whole section: {result['minutes']:.1f} min. Command: "
         f"`lineguard bench lvlm --steps {result['steps']} --simulated {result['simulated']} --held-out "
         f"{result['held_out']} --json`. The image projection and the prompt learner are trained with the frozen "
         "SmolLM2-135M's cross-entropy on AnomalyGPT's answer sentence, with the verdict's facts withheld from the "

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from deploy.stack import EmbeddedStack
+from bench.report import machine
 from inference.model.api import MODEL_VERSION
 from inference.outputs import heatmap_png
 from inference.worker import FrameInput, InferenceWorker, WorkerConfig, _set_torch_threads
@@ -35,26 +33,12 @@ from lineguard.events import FrameMeta, Heatmap, Verdict, decode_frame, encode_f
 from lineguard.kafka import ensure_topics, make_consumer, make_producer, start_client
 from lineguard.logging import get_logger
 from lineguard.settings import Settings, load_settings
+from lineguard.stack import EmbeddedStack
 from lineguard.topics import FRAMES, HEATMAPS, VERDICTS
 
 log = get_logger(__name__)
 
 REFERENCE_SHOTS = 8
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 # --- the stream benchmark -----------------------------------------------------------------------------
@@ -389,7 +373,7 @@ def _gpu_model_speed(device: str, encoders: list[str], frames: list, batch: int)
     """Scoring speed and peak GPU memory per encoder; the LLM's follow-up cost on the first encoder's flags."""
     import torch
 
-    from inference.bench import scoring_speed, text_speed
+    from bench.model import scoring_speed, text_speed
     from inference.scorer import build_scorer
 
     simulator = LineSimulator(seed=123)
@@ -432,7 +416,7 @@ def gpu_section(device: str = "cuda", encoder: str = GPU_ENCODER, frames: int = 
     """The model and the stream on a GPU: scoring speed of a ViT-H/14-size encoder (random weights: the
     speed is real, the verdicts are not) and of the default lite0, the LLM's cost there, and the stream
     benchmark with the ViT-H-size encoder."""
-    from inference.bench import FOLLOW_UP, text_rows
+    from bench.model import FOLLOW_UP, text_rows
 
     started = time.perf_counter()
     speed_frames = _frames(256, seed=4)
@@ -472,17 +456,6 @@ def gpu_section(device: str = "cuda", encoder: str = GPU_ENCODER, frames: int = 
     return "\n".join(lines)
 
 
-def write_section(output: Path, name: str, echo=print, **kwargs) -> None:
-    """Run one of this module's sections (`<name>_section`) and write it into `output`."""
-    text = output.read_text() if output.exists() else "# Benchmarks\n"
-    output.write_text(_replace_section(text, name, globals()[f"{name}_section"](echo=echo, **kwargs)))
-    echo(f"wrote the {name} section of {output}")
-
-
-def write_gpu_section(output: Path, echo=print, **kwargs) -> None:
-    text = output.read_text() if output.exists() else "# Benchmarks\n"
-    output.write_text(_replace_section(text, "gpu", gpu_section(echo=echo, **kwargs)))
-    echo(f"wrote the gpu section of {output}")
 
 
 # --- BENCHMARKS.md -------------------------------------------------------------------------------------
@@ -581,56 +554,3 @@ def _cap_sentence(result: dict) -> str:
     return (f" The pipeline runs at {result['pipeline_vs_raw']} × the model alone, so its lead over the naive loop "
             f"is capped at raw / naive = {cap:.2f} here; the ≥ 3 target needs a model that batching speeds up "
             "≥ 3× itself, as on a GPU (see the GPU section).")
-
-
-def _replace_section(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        return text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    return text.rstrip() + "\n\n" + block + "\n"
-
-
-def write_benchmarks(output: Path, quick: bool = False, echo=print) -> None:
-    """Run every benchmark and write each into its own marked section of `output`."""
-    text = output.read_text() if output.exists() else ""
-    if not text.startswith("# Benchmarks"):
-        text = ("# Benchmarks\n\nWritten by `make bench` (`lineguard bench all`). Every figure names its command "
-                "and machine, and is compared with a baseline measured in the same run.\n\n" + text)
-    frames = 96 if quick else 400
-    echo(f"stream benchmark ({frames} frames per phase)…")
-    result = stream_benchmark(frames=frames)
-    echo(json.dumps(result))
-    fast = stream_benchmark(frames=frames, encoder=FAST_ENCODER)
-    echo(json.dumps(fast))
-    text = _replace_section(text, "stream", stream_section(
-        result, f"lineguard bench stream --frames {frames} --json", fast,
-        f"lineguard bench stream --frames {frames} --encoder {FAST_ENCODER} --json"))
-    output.write_text(text)
-    import torch
-
-    if torch.cuda.is_available():
-        echo("gpu benchmark…")
-        text = _replace_section(text, "gpu", gpu_section(echo=echo))
-        output.write_text(text)
-    else:
-        echo("no CUDA device: the gpu section (`lineguard bench gpu`) is left as it is")
-    sections = [("resolution", "deploy.bench", "resolution_section"),
-                ("model", "inference.bench", "markdown_section"),
-                ("thresholds", "inference.bench", "threshold_section"),
-                ("storage", "storage.bench", "markdown_section"),
-                ("memory", "deploy.memory_bench", "markdown_section"),
-                ("scale", "deploy.scale_bench", "scale_section"),
-                ("dialogue", "dialogue.bench", "markdown_section"),
-                ("training", "training.bench", "markdown_section"),
-                ("lvlm", "training.bench", "lvlm_section")]
-    for name, module, function in sections:
-        try:
-            section = getattr(__import__(module, fromlist=[function]), function)
-        except (ImportError, AttributeError) as exc:
-            echo(f"{name} benchmark unavailable: {exc}")
-            continue
-        echo(f"{name} benchmark…")
-        text = _replace_section(text, name, section())
-        output.write_text(text)
-    echo(f"wrote {output}")

@@ -1,8 +1,10 @@
-"""Which offsets may be committed: only those below the oldest frame not yet published.
+"""Which offsets may be committed: only those below the oldest message not yet finished.
 
-A frame is "done" when the broker has acknowledged its verdict and heatmap (or its dead
-letter). Frames finish out of order (flagged frames wait for text), so per partition we keep
-the pending offsets and commit `min(pending)`, or `last done + 1` when nothing is pending.
+The stream services' one offset tracker (the worker, the recorder). A message is "done" when what it
+produced is safe: for the worker, when the broker has acknowledged its verdict and heatmap (or its dead
+letter); for the recorder, when its record is saved. Messages finish out of order (flagged frames wait
+for text), so per partition we keep the pending offsets and commit `min(pending)`, or `last done + 1` when
+nothing is pending.
 
     >>> tracker = OffsetTracker()
     >>> tracker.add(tp, [10, 11, 12]); tracker.done(tp, 11)
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
-from aiokafka.structs import TopicPartition
+TopicPartition = Hashable   # aiokafka's TopicPartition, or any partition key
 
 
 class OffsetTracker:
@@ -59,8 +61,9 @@ class OffsetTracker:
         for tp, position in offsets.items():
             self._committed[tp] = max(self._committed.get(tp, -1), position)
 
-    def forget(self, partitions: Iterable[TopicPartition]) -> None:
-        for tp in partitions:
+    def forget(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Drop what is known of `partitions` (None: of every partition), as after they were revoked."""
+        for tp in list(self._pending) + list(self._high) + list(self._committed) if partitions is None else partitions:
             self._pending.pop(tp, None)
             self._high.pop(tp, None)
             self._committed.pop(tp, None)

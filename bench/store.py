@@ -15,9 +15,6 @@ On a fresh embedded stack (Tansu + influxd on free ports, a temporary state dire
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
-import re
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -25,23 +22,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.report import machine
 from lineguard.settings import Settings, load_settings
 
-START = "<!-- storage:start -->"
-END = "<!-- storage:end -->"
 COMMAND = "lineguard bench store --json"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _frame_and_heatmap(verdict, size: int = 256):
@@ -149,7 +133,8 @@ async def aggregator_benchmark(settings: Settings, n: int) -> dict:
 
 async def recorder_benchmark(settings: Settings, m: int, state: Path) -> dict:
     from lineguard.db import upgrade
-    from storage.records import PendingRecord, Recorder, RecordStore, SaveBatch
+    from storage.recorder import Recorder
+    from storage.records import PendingRecord, RecordStore, SaveBatch
     from storage.settings import load_storage_settings
 
     verdicts = _verdicts(m, "rec", defect_rate=1.0)
@@ -192,8 +177,8 @@ async def recorder_benchmark(settings: Settings, m: int, state: Path) -> dict:
 
 def store_benchmark(verdicts: int = 4000, records: int = 400) -> dict:
     """Both runs on a fresh embedded stack; returns one flat dict of figures."""
-    from deploy.stack import EmbeddedStack
     from lineguard.kafka import ensure_topics
+    from lineguard.stack import EmbeddedStack
 
     with tempfile.TemporaryDirectory(prefix="lineguard-bench-store-") as scratch:
         state = Path(scratch)
@@ -214,7 +199,7 @@ def store_benchmark(verdicts: int = 4000, records: int = 400) -> dict:
                                              / result["baseline_unbatched_verdicts_per_s"], 1)
     result["recorder_vs_baseline"] = round(result["recorder_records_per_s"]
                                            / result["baseline_one_record_per_txn_per_s"], 1)
-    result["machine"] = machine()
+    result["machine"] = machine(torch_info=False)
     result["date"] = datetime.now(UTC).strftime("%Y-%m-%d")
     return result
 
@@ -243,13 +228,3 @@ def markdown_section(result: dict | None = None) -> str:
         f"{result['aggregator_write_batches']} batches. Both figures are end to end: the clock starts at the "
         "first message consumed and stops when InfluxDB holds every window / the last record is saved.",
     ]) + "\n"
-
-
-def update_benchmarks_file(path: Path, section: str) -> None:
-    """Put `section` between the storage markers of `path`, leaving every other section alone."""
-    section = f"{START}\n{section.strip()}\n{END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
-    found = pattern.search(text)
-    text = pattern.sub(lambda _: section, text) if found else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)

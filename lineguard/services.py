@@ -12,15 +12,19 @@ its uncommitted frames are delivered again to the next worker, and nothing holds
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from deploy.processes import die_with_parent
 from lineguard.db import private_dir
 from lineguard.logging import get_logger
+from lineguard.processes import die_with_parent, stop_children
 
 log = get_logger(__name__)
 
@@ -46,17 +50,8 @@ class Services:
         return [name for name, process in self.children.items() if process.poll() is not None]
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        for process in self.children.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
+        stop_children(self.children.values(), timeout_s)
         for name, process in self.children.items():
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
             log.info("service_stopped", service=name, pid=process.pid, code=process.returncode)
         self.children.clear()
 
@@ -65,3 +60,18 @@ class Services:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+def wait_healthy(url: str, services: Services, timeout_s: float) -> dict:
+    """The JSON of `url` (a service's /healthz) once it answers; a child that exits meanwhile, or the deadline,
+    raises."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if services.dead():
+            raise RuntimeError(f"service(s) exited during start-up: {services.dead()} "
+                               f"(see {services.state_dir}/<name>.log)")
+        with contextlib.suppress(urllib.error.URLError, OSError, ValueError), \
+                urllib.request.urlopen(url, timeout=1) as response:
+            return json.loads(response.read())
+        time.sleep(0.3)
+    raise RuntimeError(f"worker not healthy at {url} within {timeout_s:.0f} s")
+

@@ -1,20 +1,21 @@
 """The anomaly model's section of BENCHMARKS.md: accuracy on MVTec bottle and speed, each with a baseline
 measured in the same run, its command and the machine.
 
-    python -c "from inference.bench import markdown_section; print(markdown_section())"
+    python -c "from bench.model import markdown_section; print(markdown_section())"
 
-`make bench` (deploy/bench.py) writes the returned markdown between `<!-- model:start -->` and
+`make bench` (bench/stream.py) writes the returned markdown between `<!-- model:start -->` and
 `<!-- model:end -->`. The data folder is `$LINEGUARD_MVTEC_DIR` or `<repo>/../shared/datasets/mvtec-ad`.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.report import machine
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = (1, 2, 4)
@@ -25,22 +26,6 @@ FOLLOW_UP = "Where is the anomaly, and how large is it?"
 
 def mvtec_root() -> Path:
     return Path(os.environ.get("LINEGUARD_MVTEC_DIR", REPO.parent / "shared" / "datasets" / "mvtec-ad"))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
 
 
 def _cell(result: dict, key: str) -> str:
@@ -188,14 +173,14 @@ def markdown_section(data_root: Path | None = None) -> str:
     minutes = (time.perf_counter() - started) / 60
     shots = " ".join(str(k) for k in SHOTS)
     return (header
-            + f"Machine: {machine()}. Whole section: {minutes:.1f} min.\n\n"
+            + f"Machine: {machine(threads=True)}. Whole section: {minutes:.1f} min.\n\n"
             + f"### Accuracy on MVTec-AD bottle ({SEEDS} seeds: mean ± std; references drawn from train/good)\n\n"
             + f"Command, per row: `lineguard eval --data {data} --shots K --seeds {SEEDS} --json` for K in {shots}. "
               "The threshold is derived from the k references alone (verdict.py); confidence ECE is the expected "
               "calibration error of P(anomalous), in percent.\n\n"
             + accuracy
             + "\n### Speed\n\n"
-            + "Command: `python -c \"from inference.bench import markdown_section; print(markdown_section())\"` "
+            + "Command: `python -c \"from bench.model import markdown_section; print(markdown_section())\"` "
               "(part of `make bench`).\n\n"
             + speed)
 
@@ -258,7 +243,8 @@ def threshold_section(root: Path | None = None, results: dict | None = None) -> 
     gaps = {rule: np.mean([by_rule[rule]["threshold_gap"] for by_rule in results.values()]) for rule in rules}
     worst = {rule: max(by_rule[rule]["threshold_gap"] for by_rule in results.values()) for rule in rules}
     return (header
-            + f"Machine: {machine()}. Whole section: {minutes:.1f} min. Command, per row: `lineguard eval --data "
+            + f"Machine: {machine(threads=True)}. Whole section: {minutes:.1f} min. "
+              f"Command, per row: `lineguard eval --data "
               f"{root}/<category> --shots K --seeds {SEEDS} --json` (the baseline: "
               "`VerdictConfig(rule=\"margin\")`, "
               "today's rule before this change); mean ± std over 3 reference draws, the same draws for both rules. "

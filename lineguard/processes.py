@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import time
 
 import psutil
@@ -75,6 +76,30 @@ def terminate(pid: int, timeout_s: float = 10.0, group: bool = True) -> None:
             psutil.Process(pid).wait(5)
     except psutil.Error:
         pass
+
+
+def stop_children(processes, timeout_s: float = 10.0, group: bool = True) -> None:
+    """Stop child processes (`subprocess.Popen`): SIGTERM to every one still running (to its process group:
+    `group`), then wait for each; one still running after `timeout_s` gets SIGKILL. The one stop of the
+    embedded stack's servers, the demo's services and the benchmarks' workers."""
+    processes = list(processes)
+
+    def send(process, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
+
+    for process in processes:
+        if process.poll() is None:
+            send(process, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            send(process, signal.SIGKILL)
+            process.wait(5)
 
 
 def wait_gone(pid: int, timeout_s: float) -> bool:
